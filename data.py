@@ -1,0 +1,697 @@
+"""Everything between files on disk and batches of tensors (PAPER.md §7, ../shared/DATASETS.md).
+
+Owns:
+- the four retrieval benchmarks read from the archives users have (CUB-200-2011, Cars196 in its
+  three on-disk layouts, Stanford Online Products, In-Shop) plus `digits`, scikit-learn's bundled
+  8×8 handwritten digits, the embedded set of the demo and the tests (no download);
+- the class-disjoint zero-shot splits and the MLRC folds of the training classes (PAPER.md §7);
+- the m-per-class batch sampler, and its one-image-per-class mode (m = 1) for the baselines (§4);
+- train/eval transforms for BN-Inception (BGR, 0–255) and ResNet-50 (ImageNet mean/std);
+- `python data.py download NAME --root DIR` and `python data.py check NAME --root DIR`.
+
+Splits are by class; labels are 0-based and contiguous within a split (In-Shop's query and
+gallery share one mapping). digits: classes 0–5 form the "train" split (labels 0..5) and 6–9
+the "test" split (labels 0..3); with `mlrc_folds(range(6), 3)` fold 2 fits on digits 0–3 and
+validates on 4–5, two validation classes, because with one MAP@R would be trivially 1.
+
+Reproducibility: a dataset key is an index or an (index, seed) pair; with a seed the random
+transform runs on a CPU generator seeded with it, so an augmentation is a pure function of its
+seed, the same in every DataLoader worker, process and resumed run. The sampler hands out those
+seeds, and its batches are a pure function of (seed, epoch, batch number).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import operator
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+# ----------------------------------------------------------------------------- facts (DATASETS.md)
+
+SPLITS = {
+    "cub": ("train", "test"),
+    "cars": ("train", "test"),
+    "sop": ("train", "test"),
+    "inshop": ("train", "query", "gallery"),
+    "digits": ("train", "test"),
+}
+
+# (images, classes) per split; a mismatch is warned about, not fatal (usually a truncated download).
+EXPECTED_COUNTS = {
+    "cub": {"train": (5864, 100), "test": (5924, 100)},
+    "cars": {"train": (8054, 98), "test": (8131, 98)},
+    "sop": {"train": (59551, 11318), "test": (60502, 11316)},
+    "inshop": {"train": (25882, 3997), "query": (14218, 3985), "gallery": (12612, 3985)},
+    "digits": {"train": (1083, 6), "test": (714, 4)},
+}
+
+# name -> (address, archive file name, MD5); only these two are still publicly downloadable.
+ARCHIVES = {
+    "cub": ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+            "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78"),
+    "sop": ("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+            "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),
+}
+
+MANUAL_STEPS = {
+    "cars": """Cars196 cannot be downloaded automatically: its original addresses are gone.
+Put ONE of these layouts under --root (all three are read; the split is by class, 1-98 / 99-196):
+  1. original: car_ims/000001.jpg ... and cars_annos.mat
+     (car_ims.tgz MD5 d5c8f0aa497503f355e17dc7886c3f14, cars_annos.mat MD5 b407c6086d669747186bd1d764ff9dbc)
+  2. devkit / torchvision: cars_train/, cars_test/, devkit/cars_train_annos.mat and
+     cars_test_annos_withlabels.mat (beside devkit/ or inside it)
+  3. class folders: names.csv, anno_train.csv, anno_test.csv, car_data/car_data/{train,test}/<class>/
+Then run: python data.py check cars --root DIR""",
+    "inshop": """In-Shop Clothes Retrieval needs a sign-in: download it by hand from
+  https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html
+Put Eval/list_eval_partition.txt and Img/img.zip under --root, unzip Img/img.zip inside Img/
+(giving Img/img/WOMEN/... and Img/img/MEN/...), then run: python data.py check inshop --root DIR""",
+}
+
+BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)  # Caffe convention: BGR, 0-255, std 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _fetch_hint(name: str, root: Path) -> str:
+    if name in ARCHIVES:
+        return f"fetch it with `python data.py download {name} --root {root}`"
+    return f"`python data.py download {name} --root {root}` prints how to get it"
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file into RGB (grayscale, palette, CMYK, RGBA all become RGB).
+
+    Raises FileNotFoundError or ValueError naming the path, never a bare PIL traceback, so a
+    corrupt file is identified even when it is read inside a DataLoader worker.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # palette transparency must go through RGBA, or PIL warns and may lose colours
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image file not found: {path}") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class RetrievalDataset(torch.utils.data.Dataset):
+    """One split: `labels` (0-based ints), `paths`, `num_classes`, items (image, label).
+
+    An item is a PIL RGB image when transform is None, else transform(image). In-memory sets
+    (digits) keep their (N, 1, 8, 8) float tensors in `images` and use synthetic paths.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int,
+                 transform: Callable | None = None, images: torch.Tensor | None = None,
+                 name: str = "") -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"RetrievalDataset {name}: {len(paths)} paths but {len(labels)} labels")
+        if images is not None and len(images) != len(labels):
+            raise ValueError(f"RetrievalDataset {name}: {len(images)} images but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = [int(label) for label in labels]
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.images = images
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"RetrievalDataset({self.name}: {len(self)} items, {self.num_classes} classes)"
+
+    def with_transform(self, transform: Callable | None) -> RetrievalDataset:
+        """The same items with another transform (a shallow copy: the lists are shared)."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int]:
+        """key = index, or (index, seed): then the transform draws from a CPU generator seeded
+        with `seed`, so the augmentation is a pure function of the seed."""
+        index, seed = (key, None) if not isinstance(key, tuple) else self._split_key(key)
+        index = operator.index(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} items")
+        item = self.images[index] if self.images is not None else load_image(self.paths[index])
+        if self.transform is not None:
+            if seed is None:
+                item = self.transform(item)
+            else:
+                # only the CPU generator: torch.manual_seed would also reseed (and leak into) CUDA's
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(int(seed))
+                    item = self.transform(item)
+        return item, self.labels[index]
+
+    def _split_key(self, key: tuple) -> tuple[int, int]:
+        if len(key) != 2:
+            raise ValueError(f"{self.name}: a key is an index or (index, seed), got {key!r}")
+        return key[0], key[1]
+
+
+def _contiguous(class_ids: Sequence[int], universe: Sequence[int] | None = None) -> tuple[list[int], int]:
+    """Map raw class ids to 0..C-1 in sorted order of the ids in `universe` (default: class_ids)."""
+    ranks = {cid: rank for rank, cid in enumerate(sorted(set(class_ids if universe is None else universe)))}
+    return [ranks[cid] for cid in class_ids], len(ranks)
+
+
+def _require_root(root: Path, name: str) -> None:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: root folder {root} does not exist; {_fetch_hint(name, root)}")
+
+
+def _locate(root: Path, name: str, marker: str, inner: Sequence[str] = ()) -> Path:
+    """The folder holding `marker`: root itself, a known inner folder, or root's parent."""
+    _require_root(root, name)
+    candidates = [root, *(root / sub for sub in inner), root.parent]
+    for base in candidates:
+        if (base / marker).is_file():
+            return base
+    expected = " or ".join(str(base / marker) for base in candidates[:-1])
+    raise FileNotFoundError(f"{name}: expected {expected}; {_fetch_hint(name, root)}")
+
+
+def _text_rows(path: Path, n_fields: int, skip: int = 0) -> Iterator[tuple[int, list[str]]]:
+    """(line number, whitespace-split fields) of each non-empty line after `skip` lines."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if number <= skip or not fields:
+                continue
+            if len(fields) != n_fields:
+                raise ValueError(f"{path}:{number}: expected {n_fields} fields, got {line.strip()!r}")
+            yield number, fields
+
+
+def _int_field(path: Path, number: int, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}:{number}: expected an integer, got {text!r}") from None
+
+
+def _read_cub(root: Path, split: str) -> tuple[list[str], list[int]]:
+    # classes 1-100 train, 101-200 test; train_test_split.txt is the classification split: ignored
+    base = _locate(root, "cub", "images.txt", inner=("CUB_200_2011",))
+    labels_file = base / "image_class_labels.txt"
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"cub: expected {labels_file}; {_fetch_hint('cub', root)}")
+    relative = {fields[0]: fields[1] for _, fields in _text_rows(base / "images.txt", 2)}
+    items = []
+    for number, (image_id, class_id) in _text_rows(labels_file, 2):
+        if image_id not in relative:
+            raise ValueError(f"{labels_file}:{number}: image id {image_id} is not in {base / 'images.txt'}")
+        items.append((str(base / "images" / relative[image_id]), _int_field(labels_file, number, class_id)))
+    return _split_by_class(items, last_train_class=100, split=split)
+
+
+def _split_by_class(items: list[tuple[str, int]], last_train_class: int, split: str) -> tuple[list[str], list[int]]:
+    keep = [(path, cid) for path, cid in items if (cid <= last_train_class) == (split == "train")]
+    return [path for path, _ in keep], [cid for _, cid in keep]
+
+
+def _mat_records(path: Path, variable: str, fields: Sequence[str]) -> list[dict]:
+    """The struct array `variable` of a .mat file as a list of {field: python value}."""
+    try:
+        records = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)[variable]
+    except KeyError:
+        raise ValueError(f"{path}: expected a variable {variable!r}") from None
+    records = records.ravel() if isinstance(records, np.ndarray) else [records]
+    out = []
+    for position, record in enumerate(records):
+        missing = [f for f in fields if f not in getattr(record, "_fieldnames", ())]
+        if missing:
+            raise ValueError(f"{path}: {variable}[{position}] lacks fields {missing}")
+        out.append({f: getattr(record, f) for f in fields})
+    return out
+
+
+def _read_cars(root: Path, split: str) -> tuple[list[str], list[int]]:
+    # three layouts (DATASETS.md), all merged and split by class: 1-98 train, 99-196 test
+    _require_root(root, "cars")
+    for base in (root, root / "stanford_cars", root.parent):
+        if (base / "cars_annos.mat").is_file():
+            items = [(str(base / r["relative_im_path"]), int(r["class"]))
+                     for r in _mat_records(base / "cars_annos.mat", "annotations", ("relative_im_path", "class"))]
+            return _split_by_class(items, last_train_class=98, split=split)
+        if (base / "devkit" / "cars_train_annos.mat").is_file():
+            return _split_by_class(_cars_devkit(base), last_train_class=98, split=split)
+        if (base / "names.csv").is_file():
+            return _split_by_class(_cars_class_folders(base), last_train_class=98, split=split)
+    raise FileNotFoundError(
+        f"cars: expected {root / 'cars_annos.mat'} (original layout), {root / 'devkit' / 'cars_train_annos.mat'} "
+        f"(devkit layout) or {root / 'names.csv'} (class folders); {_fetch_hint('cars', root)}")
+
+
+def _cars_devkit(base: Path) -> list[tuple[str, int]]:
+    test_annos = next((p for p in (base / "cars_test_annos_withlabels.mat",
+                                   base / "devkit" / "cars_test_annos_withlabels.mat") if p.is_file()), None)
+    if test_annos is None:
+        raise FileNotFoundError(f"cars: expected {base / 'cars_test_annos_withlabels.mat'} (the test file "
+                                f"without labels is of no use); {_fetch_hint('cars', base)}")
+    items = []
+    for folder, annos in (("cars_train", base / "devkit" / "cars_train_annos.mat"), ("cars_test", test_annos)):
+        items += [(str(base / folder / r["fname"]), int(r["class"]))
+                  for r in _mat_records(annos, "annotations", ("fname", "class"))]
+    return items
+
+
+def _cars_class_folders(base: Path) -> list[tuple[str, int]]:
+    with open(base / "names.csv", encoding="utf-8-sig") as handle:
+        names = [line.strip() for line in handle if line.strip()]
+    items = []
+    for folder in ("train", "test"):
+        annos = base / f"anno_{folder}.csv"
+        if not annos.is_file():
+            raise FileNotFoundError(f"cars: expected {annos} beside {base / 'names.csv'}")
+        with open(annos, newline="", encoding="utf-8-sig") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                if not row:
+                    continue
+                if len(row) != 6:
+                    raise ValueError(f"{annos}:{number}: expected fname,x1,y1,x2,y2,class, got {row}")
+                class_id = _int_field(annos, number, row[5])
+                if not 1 <= class_id <= len(names):
+                    raise ValueError(f"{annos}:{number}: class {class_id} not in 1..{len(names)} of names.csv")
+                class_folder = names[class_id - 1].replace("/", "-")
+                items.append((str(base / "car_data" / "car_data" / folder / class_folder / row[0]), class_id))
+    return items
+
+
+def _read_sop(root: Path, split: str) -> tuple[list[str], list[int]]:
+    # Ebay_train.txt holds classes 1-11,318, Ebay_test.txt 11,319-22,634
+    base = _locate(root, "sop", "Ebay_train.txt", inner=("Stanford_Online_Products",))
+    listing = base / f"Ebay_{split}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"sop: expected {listing}; {_fetch_hint('sop', root)}")
+    paths, class_ids = [], []
+    for number, (_, class_id, _, relative) in _text_rows(listing, 4, skip=1):
+        paths.append(str(base / relative))
+        class_ids.append(_int_field(listing, number, class_id))
+    return paths, class_ids
+
+
+def _read_inshop(root: Path, split: str) -> tuple[list[str], list[int], list[int]]:
+    # line 1: row count, line 2: header, then "image_name item_id status"; paths relative to Img/
+    base = _locate(root, "inshop", "Eval/list_eval_partition.txt", inner=("In-shop Clothes Retrieval Benchmark",))
+    partition = base / "Eval" / "list_eval_partition.txt"
+    rows = [fields for _, fields in _text_rows(partition, 3, skip=2)]
+    with open(partition, encoding="utf-8") as handle:
+        declared = handle.readline().strip()
+    if declared != str(len(rows)):
+        raise ValueError(f"{partition}:1: declares {declared!r} rows but {len(rows)} follow (truncated file?)")
+    statuses = {status for _, _, status in rows} - {"train", "query", "gallery"}
+    if statuses:
+        raise ValueError(f"{partition}: unknown evaluation_status {sorted(statuses)}, expected train/query/gallery")
+    chosen = [(str(base / "Img" / name), item) for name, item, status in rows if status == split]
+    # query and gallery share one label mapping: the items of both
+    universe = [item for _, item, status in rows if (status == "train") == (split == "train")]
+    return [path for path, _ in chosen], [item for _, item in chosen], universe
+
+
+def _digits(split: str) -> RetrievalDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.flatnonzero((digits.target < 6) == (split == "train"))
+    images = torch.as_tensor(digits.images[keep] / 16.0, dtype=torch.float32).unsqueeze(1)
+    labels, num_classes = _contiguous(digits.target[keep].tolist())
+    return RetrievalDataset([f"digits/{i}" for i in keep], labels, num_classes, images=images,
+                            name=f"digits {split}")
+
+
+def build_dataset(name: str, root: str | os.PathLike | None, split: str,
+                  transform: Callable | None = None) -> RetrievalDataset:
+    """The `split` of dataset `name` (cub, cars, sop, inshop, digits) extracted under `root`.
+
+    root is the folder the archive was extracted into or the dataset's inner folder; it is
+    ignored for digits. Warns when the counts differ from DATASETS.md.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"build_dataset: unknown dataset {name!r}, expected one of {sorted(SPLITS)}")
+    if split not in SPLITS[name]:
+        raise ValueError(f"build_dataset: {name} has splits {SPLITS[name]}, got {split!r}")
+    if name == "digits":
+        dataset = _digits(split)
+    else:
+        if root is None:
+            raise ValueError(f"build_dataset: {name} needs a root folder, got None")
+        root = Path(root).expanduser()
+        if name == "inshop":
+            paths, class_ids, universe = _read_inshop(root, split)
+        else:
+            paths, class_ids = {"cub": _read_cub, "cars": _read_cars, "sop": _read_sop}[name](root, split)
+            universe = None
+        labels, num_classes = _contiguous(class_ids, universe)
+        dataset = RetrievalDataset(paths, labels, num_classes, name=f"{name} {split}")
+    _warn_counts(dataset, name, split, root)
+    return dataset.with_transform(transform)
+
+
+def _warn_counts(dataset: RetrievalDataset, name: str, split: str, root: Path | None) -> None:
+    images, classes = EXPECTED_COUNTS[name][split]
+    if (len(dataset), dataset.num_classes) != (images, classes):
+        warnings.warn(f"{name} {split} under {root}: found {len(dataset)} images of {dataset.num_classes} "
+                      f"classes, DATASETS.md says {images} images of {classes} classes (a truncated download "
+                      f"is the usual cause; `python data.py check {name} --root {root}` lists problems)",
+                      stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- class-disjoint folds
+
+
+def class_subset(dataset: RetrievalDataset, classes: Sequence[int]) -> RetrievalDataset:
+    """The items of `classes` (labels of `dataset`), relabelled 0..len(classes)-1 in sorted order."""
+    wanted = sorted({int(c) for c in classes})
+    missing = sorted(set(wanted) - set(dataset.labels))
+    if not wanted or missing:
+        raise ValueError(f"class_subset: classes must be non-empty labels of {dataset.name}, "
+                         f"got {len(wanted)} classes of which {missing[:10]} are absent")
+    rank = {c: r for r, c in enumerate(wanted)}
+    keep = [i for i, label in enumerate(dataset.labels) if label in rank]
+    subset = copy.copy(dataset)
+    subset.paths = [dataset.paths[i] for i in keep]
+    subset.labels = [rank[dataset.labels[i]] for i in keep]
+    subset.num_classes = len(wanted)
+    subset.images = None if dataset.images is None else dataset.images[keep]
+    subset.name = f"{dataset.name} ({len(wanted)}-class subset)"
+    return subset
+
+
+def mlrc_folds(class_ids: Sequence[int], n_folds: int = 4) -> list[tuple[list[int], list[int]]]:
+    """[(train classes, validation classes)] for contiguous class-disjoint blocks (PAPER.md §7).
+
+    Block k holds the sorted classes [floor(k·C/n), floor((k+1)·C/n)): the authors' boundaries
+    floor(linspace(0, C, n+1)) in exact integer arithmetic. Fold k (0-based) validates on block k
+    (the authors' 1-based model k validates on block n - k: same folds, other order).
+    """
+    ids = sorted(int(c) for c in class_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"mlrc_folds: class ids must be distinct, got {len(ids) - len(set(ids))} duplicates")
+    if n_folds < 2 or len(ids) < n_folds:
+        raise ValueError(f"mlrc_folds: need 2 <= n_folds <= number of classes, got n_folds={n_folds} "
+                         f"for {len(ids)} classes")
+    bounds = [k * len(ids) // n_folds for k in range(n_folds + 1)]
+    return [(ids[:bounds[k]] + ids[bounds[k + 1]:], ids[bounds[k]:bounds[k + 1]]) for k in range(n_folds)]
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def _draw_distinct(bits: np.random.PCG64, population: np.ndarray, k: int) -> np.ndarray:
+    # partial Fisher-Yates on PCG64's raw stream: a stable stream, unlike Generator methods (NEP 19);
+    # the modulo bias is below population size / 2**64
+    pool = population.copy()
+    raw = bits.random_raw(k)
+    for i in range(k):
+        j = i + int(raw[i] % np.uint64(len(pool) - i))
+        pool[i], pool[j] = pool[j], pool[i]
+    return pool[:k]
+
+
+class MPerClassSampler:
+    """Batch sampler: `length` batches per epoch of `classes_per_batch` distinct classes × m items.
+
+    A batch is a list of (index, augmentation seed) keys for RetrievalDataset. A class's m items
+    are distinct when it has at least m, drawn with replacement otherwise; m = 1 gives the
+    one-image-per-class batches of the baselines (PAPER.md §4). Batch b of epoch e is a pure
+    function of (seed, e, b). Call set_epoch before every epoch; the iteration itself changes
+    nothing, so the same state always yields the same batches.
+    """
+
+    def __init__(self, labels: Sequence[int], m: int, classes_per_batch: int, length: int, seed: int) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"MPerClassSampler: labels must be a 1-D sequence of ints, got shape "
+                             f"{labels.shape} dtype {labels.dtype}")
+        for key, value in (("m", m), ("classes_per_batch", classes_per_batch), ("length", length)):
+            if value < 1:
+                raise ValueError(f"MPerClassSampler: {key} must be >= 1, got {value}")
+        classes = np.unique(labels)
+        if len(classes) < classes_per_batch:
+            raise ValueError(f"MPerClassSampler: classes_per_batch={classes_per_batch} but the labels hold "
+                             f"only {len(classes)} classes")
+        self.members = [np.flatnonzero(labels == c) for c in classes]
+        self.m, self.classes_per_batch, self.length = m, classes_per_batch, length
+        self.seed, self.epoch, self.start = 0, 0, 0
+        self.load_state_dict({"seed": seed, "epoch": 0, "start": 0})
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields batches start..length-1 of `epoch`."""
+        if epoch < 0 or not 0 <= start <= self.length:
+            raise ValueError(f"MPerClassSampler.set_epoch: need epoch >= 0 and 0 <= start <= {self.length}, "
+                             f"got epoch={epoch} start={start}")
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b in range(self.start, self.length):
+            yield self.batch(self.epoch, b)
+
+    def batch(self, epoch: int, b: int) -> list[tuple[int, int]]:
+        """Batch b of `epoch`: classes_per_batch classes, m (index, augmentation seed) keys each."""
+        bits = np.random.PCG64(np.random.SeedSequence([self.seed, epoch, b]))
+        indices = []
+        for c in _draw_distinct(bits, np.arange(len(self.members)), self.classes_per_batch):
+            members = self.members[c]
+            if len(members) >= self.m:
+                indices += _draw_distinct(bits, members, self.m).tolist()
+            else:
+                indices += members[bits.random_raw(self.m) % np.uint64(len(members))].tolist()
+        seeds = (bits.random_raw(len(indices)) >> np.uint64(1)).tolist()  # 63 bits: fits an int64
+        return list(zip(indices, seeds))
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"seed", "epoch", "start"} - set(state)
+        if missing:
+            raise ValueError(f"MPerClassSampler.load_state_dict: missing keys {sorted(missing)} in {sorted(state)}")
+        if state["seed"] < 0:
+            raise ValueError(f"MPerClassSampler: seed must be >= 0, got {state['seed']}")
+        self.seed = int(state["seed"])
+        self.set_epoch(state["epoch"], state["start"])
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+class CaffeBGR:
+    """RGB (3, H, W) tensor in 0-255 (uint8) -> float BGR minus the Caffe mean (BN-Inception's input)."""
+
+    def __init__(self, mean_bgr: Sequence[float] = BNINCEPTION_MEAN_BGR) -> None:
+        self.mean = torch.tensor(mean_bgr, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        # RGB -> BGR while still uint8 (a quarter of the bytes to move), then x - mean in float
+        return image.flip(0).to(torch.float32) - self.mean
+
+
+class RandomShift:
+    """Shift a (C, H, W) tensor by up to `max_shift` pixels each way, zero fill (torch's RNG)."""
+
+    def __init__(self, max_shift: int = 1) -> None:
+        self.max_shift = max_shift
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            raise ValueError(f"RandomShift: expected a (C, H, W) tensor, got "
+                             f"{getattr(image, 'shape', type(image).__name__)}")
+        s = self.max_shift
+        dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+        padded = torch.nn.functional.pad(image, (s, s, s, s))
+        return padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
+
+
+def build_transform(style: str, train: bool, crop_size: int = 227, resize: int = 256) -> Callable:
+    """Train or eval transform for style "bninception", "resnet" or "digits" (PAPER.md §7).
+
+    Images: train = shorter side to `resize` -> RandomResizedCrop(crop_size, scale (0.16, 1),
+    ratio (3/4, 4/3)) -> horizontal flip; eval = shorter side to `resize` -> centre crop.
+    digits: train = random shift by up to 1 pixel; eval = identity.
+    """
+    if style == "digits":
+        return RandomShift(1) if train else v2.Identity()
+    if style not in ("bninception", "resnet"):
+        raise ValueError(f"build_transform: unknown style {style!r}, expected bninception, resnet or digits")
+    if not 0 < crop_size <= resize:
+        raise ValueError(f"build_transform: need 0 < crop_size <= resize, got crop_size={crop_size} resize={resize}")
+    if train:
+        geometry = [v2.Resize(resize), v2.RandomResizedCrop(crop_size, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3)),
+                    v2.RandomHorizontalFlip(0.5)]
+    else:
+        geometry = [v2.Resize(resize), v2.CenterCrop(crop_size)]
+    if style == "bninception":
+        pixels = [v2.ToImage(), v2.ToPureTensor(), CaffeBGR()]
+    else:
+        pixels = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                  v2.ToPureTensor()]
+    return v2.Compose(geometry + pixels)
+
+
+# ----------------------------------------------------------------------------- download and check
+
+
+def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex MD5 of a file, read in chunks (archives are gigabytes)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download url to dest, resuming a partial `dest.part` with an HTTP Range request.
+
+    The MD5 is checked before the file takes its final name; on a mismatch the partial file is
+    deleted and ValueError raised. An existing dest with the right MD5 is kept as is.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        if md5 is None or file_md5(dest) == md5:
+            return dest
+        raise ValueError(f"download: {dest} exists but its MD5 is not {md5}; delete it to download again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            # a server (or file://) that ignores Range answers 200 with the whole file: start over
+            resumed = offset > 0 and getattr(response, "status", None) == 206
+            with open(part, "ab" if resumed else "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+    except urllib.error.HTTPError as err:
+        if not (err.code == 416 and offset > 0):  # 416: nothing left to fetch, the .part is complete
+            raise
+    if md5 is not None:
+        got = file_md5(part)
+        if got != md5:
+            part.unlink()
+            raise ValueError(f"download: MD5 of {url} is {got}, expected {md5}; deleted {part}, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def _inside(folder: Path, member: str, archive: Path) -> None:
+    target = (folder / member).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"extract: {archive} member {member!r} would be written outside {folder}; refusing")
+
+
+def extract(archive: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Unpack a .zip or tar archive into folder, refusing members that would land outside it."""
+    archive, folder = Path(archive), Path(folder)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                _inside(folder, member, archive)
+            zf.extractall(folder)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                _inside(folder, member.name, archive)
+                if member.issym() or member.islnk():
+                    _inside(folder, os.path.join(os.path.dirname(member.name), member.linkname), archive)
+            tf.extractall(folder, filter="data")
+    else:
+        raise ValueError(f"extract: {archive} is neither a zip nor a tar archive")
+
+
+def download_dataset(name: str, root: str | os.PathLike, url: str | None = None, md5: str | None = None) -> Path:
+    """Fetch (with resume), verify and extract the archive of `name` into root; url/md5 override the table."""
+    if name not in ARCHIVES:
+        raise ValueError(f"download_dataset: only {sorted(ARCHIVES)} can be downloaded, got {name!r}")
+    default_url, filename, default_md5 = ARCHIVES[name]
+    root = Path(root).expanduser()
+    archive = download(url or default_url, root / filename, md5 or default_md5)
+    extract(archive, root)
+    return archive
+
+
+def _read_problem(path: str) -> str | None:
+    try:
+        load_image(path)
+    except (FileNotFoundError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def check(name: str, root: str | os.PathLike | None, workers: int = 8) -> list[str]:
+    """Verify the layout, decode every image, print counts; return every problem found."""
+    problems = []
+    for split in SPLITS[name]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                dataset = build_dataset(name, root, split)
+            except (FileNotFoundError, ValueError) as err:
+                return problems + [str(err)]
+        problems += [str(w.message) for w in caught]
+        print(f"{name} {split}: {len(dataset)} images, {dataset.num_classes} classes")
+        if dataset.images is None:
+            with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
+                problems += [p for p in pool.map(_read_problem, dataset.paths, chunksize=64) if p]
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download or check a retrieval benchmark (DATASETS.md).")
+    parser.add_argument("command", choices=("download", "check"))
+    parser.add_argument("name", choices=sorted(SPLITS))
+    parser.add_argument("--root", default="data", help="folder the archive is (or will be) extracted into")
+    parser.add_argument("--url", help="download from this address instead (a mirror)")
+    parser.add_argument("--md5", help="expected MD5 of the archive instead of the one in DATASETS.md")
+    args = parser.parse_args(argv)
+    if args.command == "download":
+        if args.name == "digits":
+            print("digits is bundled with scikit-learn: nothing to download")
+            return 0
+        if args.name in MANUAL_STEPS:
+            print(MANUAL_STEPS[args.name])
+            return 1
+        print(f"downloading {args.url or ARCHIVES[args.name][0]} into {args.root} (resumes a partial download)")
+        download_dataset(args.name, args.root, args.url, args.md5)
+    problems = check(args.name, args.root)
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print(f"{len(problems)} problem(s) found" if problems else "all good")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Backbones, the embedding head and pretrained-weight loading (PAPER.md §7).
+
+The embedding network f_θ of the paper is a backbone's convolutional feature map, globally pooled,
+followed by one bias-free linear layer to d = 128 dimensions initialised Glorot-uniform
+(PAPER.md §7, the MLRC protocol). The model returns raw f(x): the normalisation n of PAPER.md §3
+is applied by the loss and by train.py (DESIGN.md "Who normalises").
+
+Backbones, each with `feature_dim` and `features(x) -> (B, C, H, W)`:
+- `BNInception`: the Caffe BN-Inception with the layer names of the widely used PyTorch port, so its
+  ImageNet file (bn_inception-52deb4733.pth) loads without renaming. Input: BGR, 0–255, mean
+  (104, 117, 128), std 1 (data.py's transforms). features: (B, 1024, 7, 7) at 224×224 and at 227×227.
+- `ResNet50`: torchvision's ResNet-50 without its classifier, torchvision's state_dict keys.
+- `TinyCNN`, `MLP`: small networks for the 8×8 digits demo and the tests.
+
+`freeze_bn=True` (the paper's setting, PAPER.md §7) freezes every BatchNorm completely: γ and β
+get no gradient and the running statistics never change, because the BatchNorm modules stay in
+eval mode even under `model.train()`.
+
+`build_model` is the seeded entry point: parameter initialisation runs under a forked CPU RNG
+seeded with `seed`, so the built weights are a pure function of the arguments. The constructors
+themselves draw from torch's global RNG, as every nn.Module does.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+POOLINGS = ("avg", "max")
+# classifier heads of the ImageNet files (the BN-Inception port's, torchvision's): never loaded
+CLASSIFIER_PREFIXES = ("last_linear.", "fc.")
+BNINCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+BNINCEPTION_SOURCE = "the pretrained-models project for PyTorch (github.com/Cadene/pretrained-models.pytorch)"
+
+
+def _check_images(x: torch.Tensor, channels: int, where: str) -> None:
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{where}: expected images of shape (B, {channels}, H, W), got {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# BN-Inception (Ioffe & Szegedy 2015), Caffe model as ported to PyTorch
+
+class _Block(NamedTuple):
+    """One inception block: output widths of its conv units, keyed as in the Caffe names."""
+    name: str
+    in_channels: int
+    n1x1: int            # 0: no 1x1 branch (the reduction blocks 3c and 4e)
+    n3x3_reduce: int
+    n3x3: int
+    n_double_reduce: int
+    n_double: int        # both 3x3 convs of the double_3x3 branch
+    pool_proj: int       # 0: the pooled input is concatenated unprojected (reduction blocks)
+    pool: str            # "avg" | "max" (3×3, stride 1, pad 1) | "max_s2" (3×3, stride 2: reduction)
+
+
+def _pool(kind: str, x: torch.Tensor) -> torch.Tensor:
+    # the port's pooling branches; count_include_pad=True and ceil_mode=True match Caffe's output
+    if kind == "avg":
+        return F.avg_pool2d(x, 3, stride=1, padding=1, ceil_mode=True, count_include_pad=True)
+    if kind == "max":
+        return F.max_pool2d(x, 3, stride=1, padding=1, ceil_mode=True)
+    return F.max_pool2d(x, 3, stride=2, ceil_mode=True)
+
+
+class BNInception(nn.Module):
+    """BN-Inception with the PyTorch port's flat Caffe layer names (no classifier `last_linear`).
+
+    Every conv `<name>` (with bias) is followed by BatchNorm `<name>_bn` (eps 1e-5, affine, tracked
+    statistics) and a ReLU. Expects BGR images in 0–255 minus the mean (104, 117, 128).
+    """
+
+    feature_dim = 1024
+    BLOCKS = (
+        _Block("inception_3a", 192, 64, 64, 64, 64, 96, 32, "avg"),
+        _Block("inception_3b", 256, 64, 64, 96, 64, 96, 64, "avg"),
+        _Block("inception_3c", 320, 0, 128, 160, 64, 96, 0, "max_s2"),
+        _Block("inception_4a", 576, 224, 64, 96, 96, 128, 128, "avg"),
+        _Block("inception_4b", 576, 192, 96, 128, 96, 128, 128, "avg"),
+        _Block("inception_4c", 576, 160, 128, 160, 128, 160, 128, "avg"),
+        _Block("inception_4d", 608, 96, 128, 192, 160, 192, 128, "avg"),
+        _Block("inception_4e", 608, 0, 128, 192, 192, 256, 0, "max_s2"),
+        _Block("inception_5a", 1056, 352, 192, 320, 160, 224, 128, "avg"),
+        _Block("inception_5b", 1024, 352, 192, 320, 192, 224, 128, "max"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._add_unit("conv1_7x7_s2", 3, 64, 7, stride=2, padding=3)
+        self._add_unit("conv2_3x3_reduce", 64, 64, 1)
+        self._add_unit("conv2_3x3", 64, 192, 3, padding=1)
+        for b in self.BLOCKS:
+            self._add_block(b)
+
+    def _add_unit(self, name: str, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
+        # registered flat (not in a sub-module) so that state_dict keys are the port's Caffe names
+        self.add_module(name, nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding))
+        self.add_module(name + "_bn", nn.BatchNorm2d(c_out, eps=1e-5))
+
+    def _add_block(self, b: _Block) -> None:
+        stride = 2 if b.pool == "max_s2" else 1
+        if b.n1x1:
+            self._add_unit(f"{b.name}_1x1", b.in_channels, b.n1x1, 1)
+        self._add_unit(f"{b.name}_3x3_reduce", b.in_channels, b.n3x3_reduce, 1)
+        self._add_unit(f"{b.name}_3x3", b.n3x3_reduce, b.n3x3, 3, stride=stride, padding=1)
+        self._add_unit(f"{b.name}_double_3x3_reduce", b.in_channels, b.n_double_reduce, 1)
+        self._add_unit(f"{b.name}_double_3x3_1", b.n_double_reduce, b.n_double, 3, padding=1)
+        self._add_unit(f"{b.name}_double_3x3_2", b.n_double, b.n_double, 3, stride=stride, padding=1)
+        if b.pool_proj:
+            self._add_unit(f"{b.name}_pool_proj", b.in_channels, b.pool_proj, 1)
+
+    def unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Caffe's conv → BatchNorm → ReLU unit `name`."""
+        return F.relu(getattr(self, name + "_bn")(getattr(self, name)(x)), inplace=True)
+
+    def block(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
+        """Inception block `b`: its branches concatenated along channels in the port's order."""
+        branches = [self.unit(f"{b.name}_1x1", x)] if b.n1x1 else []
+        branches.append(self.unit(f"{b.name}_3x3", self.unit(f"{b.name}_3x3_reduce", x)))
+        double = self.unit(f"{b.name}_double_3x3_1", self.unit(f"{b.name}_double_3x3_reduce", x))
+        branches.append(self.unit(f"{b.name}_double_3x3_2", double))
+        pooled = _pool(b.pool, x)
+        branches.append(self.unit(f"{b.name}_pool_proj", pooled) if b.pool_proj else pooled)
+        return torch.cat(branches, dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, 1024, H', W'); 7×7 for H = W = 224 or 227."""
+        _check_images(x, 3, "BNInception.features")
+        x = F.max_pool2d(self.unit("conv1_7x7_s2", x), 3, stride=2, ceil_mode=True)
+        x = self.unit("conv2_3x3", self.unit("conv2_3x3_reduce", x))
+        x = F.max_pool2d(x, 3, stride=2, ceil_mode=True)
+        for b in self.BLOCKS:
+            x = self.block(b, x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-50 (torchvision) and the small networks of the digits demo
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 up to layer4 (no pooling, no `fc`), with torchvision's key names."""
+
+    feature_dim = 2048
+    PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = torchvision.models.resnet50(weights=None)
+        for name in self.PARTS:
+            self.add_module(name, getattr(net, name))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, 2048, H/32, W/32)."""
+        _check_images(x, 3, "ResNet50.features")
+        for name in self.PARTS:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class TinyCNN(nn.Module):
+    """Two conv → BatchNorm → ReLU layers with a 2×2 max pool between: (B, C, 8, 8) → (B, 2w, 4, 4)."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.feature_dim = 2 * width
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.in_channels, "TinyCNN.features")
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        return F.relu(self.bn2(self.conv2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class MLP(nn.Module):
+    """Two ReLU layers on the flattened input; `features` gives (B, hidden, 1, 1) like a conv map."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.feature_dim = hidden
+        self.layer1 = nn.Linear(in_features, hidden)
+        self.layer2 = nn.Linear(hidden, hidden)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x[0].numel() != self.in_features:
+            raise ValueError(f"MLP.features: expected (B, ...) with {self.in_features} values per sample, "
+                             f"got {tuple(x.shape)}")
+        h = F.relu(self.layer2(F.relu(self.layer1(x.flatten(1)))))
+        return h[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+BACKBONES = {"bninception": BNInception, "resnet50": ResNet50, "tiny_cnn": TinyCNN, "mlp": MLP}
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding model f_θ (PAPER.md §7)
+
+def global_pool(features: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, C, H, W) → (B, C): mean (MLRC's, the paper's) or max over the spatial positions."""
+    return features.mean(dim=(2, 3)) if pooling == "avg" else features.amax(dim=(2, 3))
+
+
+def batchnorm_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in model.named_parameters()) of every BatchNorm γ and β: no weight decay on them (PAPER.md §2)."""
+    return {f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules() if isinstance(module, _BatchNorm)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+class EmbeddingModel(nn.Module):
+    """f(x) = W · pool(backbone.features(x)), W a bias-free (d × feature_dim) Glorot-uniform matrix.
+
+    Returns raw embeddings (no normalisation). With `freeze_bn` every BatchNorm is frozen: its γ, β
+    have requires_grad False and the module stays in eval mode under `train()`, so its running
+    statistics never change (PAPER.md §7).
+    """
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int = 128, pooling: str = "avg",
+                 freeze_bn: bool = True) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"EmbeddingModel: pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"EmbeddingModel: embedding_dim must be a positive int, got {embedding_dim!r}")
+        if not hasattr(backbone, "features") or not hasattr(backbone, "feature_dim"):
+            raise ValueError(f"EmbeddingModel: the backbone needs `features(x)` and `feature_dim`; "
+                             f"{type(backbone).__name__} lacks them")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.freeze_bn = freeze_bn
+        self.feature_dim = backbone.feature_dim
+        self.embedding_dim = embedding_dim
+        self.embedding = nn.Linear(backbone.feature_dim, embedding_dim, bias=False)
+        nn.init.xavier_uniform_(self.embedding.weight)
+        if freeze_bn:
+            for name in batchnorm_parameter_names(self):
+                self.get_parameter(name).requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()  # eval mode: normalise with, and never update, the running statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, ...) → raw embeddings f(x), (B, embedding_dim)."""
+        return self.embedding(global_pool(self.backbone.features(x), self.pooling))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights
+
+def _squeeze_leading_singletons(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # the BN-Inception file stores some vectors as (1, C): drop leading 1s down to the module's rank
+    while tensor.dim() > len(shape) and tensor.shape[0] == 1:
+        tensor = tensor.squeeze(0)
+    return tensor
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def load_pretrained(module: nn.Module, path: str | os.PathLike,
+                    skip_prefixes: tuple[str, ...] = CLASSIFIER_PREFIXES) -> None:
+    """Load a state_dict file into `module`, exactly or not at all.
+
+    Squeezes leading singleton dimensions where the module's tensor has fewer, skips the ImageNet
+    classifier (keys starting with `skip_prefixes`), and tolerates missing BatchNorm
+    `num_batches_tracked` counters (files saved before PyTorch 0.4.1 have none; they are unused).
+    Any other missing or unexpected key or shape mismatch raises ValueError listing them all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_pretrained: no weight file at {path}")
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
+        raise ValueError(f"load_pretrained: expected {path} to hold a state_dict (dict of name → tensor), "
+                         f"got {type(stored).__name__}")
+    expected = module.state_dict()
+    state, unexpected, mismatched = {}, [], []
+    for key, tensor in stored.items():
+        if key.startswith(skip_prefixes):
+            continue
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        tensor = _squeeze_leading_singletons(tensor, expected[key].shape)
+        if tensor.shape != expected[key].shape:
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}")
+            continue
+        state[key] = tensor
+    missing = [k for k in expected if k not in stored and not k.endswith(".num_batches_tracked")]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"load_pretrained: {path} does not fit {type(module).__name__}: "
+                         f"{len(missing)} missing keys {_listing(missing)}, "
+                         f"{len(unexpected)} unexpected keys {_listing(unexpected)}, "
+                         f"{len(mismatched)} shape mismatches {_listing(mismatched)}")
+    module.load_state_dict(state, strict=False)
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where named weights are looked for and downloaded to: torch.hub's cache ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def known_weights(backbone: str) -> dict[str, tuple[str, str]]:
+    """Weight names accepted as `pretrained` for `backbone`: name → (url, where the file comes from)."""
+    if backbone == "bninception":
+        return {"imagenet": (BNINCEPTION_URL, BNINCEPTION_SOURCE)}
+    if backbone == "resnet50":
+        return {name: (w.url, f"torchvision's ResNet50_Weights.{name}")
+                for name, w in torchvision.models.ResNet50_Weights.__members__.items()}
+    return {}
+
+
+def resolve_pretrained(backbone: str, pretrained: str | os.PathLike) -> Path:
+    """A known weight name (found in, or downloaded to, hub_checkpoint_dir()) or a local file → its path."""
+    known = known_weights(backbone)
+    if str(pretrained) not in known:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights for {backbone}: no file at {path}, and {str(pretrained)!r} "
+                                    f"is not a known weight name (known: {sorted(known) or 'none'})")
+        return path
+    url, source = known[str(pretrained)]
+    target = hub_checkpoint_dir() / os.path.basename(urlparse(url).path)
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(target))
+        except OSError as err:  # offline, server gone, unwritable cache: never fall back to random weights
+            raise FileNotFoundError(
+                f"pretrained weights {pretrained!r} for {backbone}: {target.name} is not in {target.parent} "
+                f"and downloading it from {url} failed ({err}). Put {target.name} (from {source}) in "
+                f"{target.parent}, or set pretrained to the file's path.") from err
+    return target
+
+
+def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.PathLike | None = None,
+                pooling: str = "avg", freeze_bn: bool = True, seed: int = 0,
+                backbone_kwargs: dict | None = None) -> EmbeddingModel:
+    """The embedding model of PAPER.md §7: a pure function of its arguments (and the weight file).
+
+    `pretrained`: None (initialised from `seed`), a weight file, or a known name ("imagenet" for
+    bninception; "IMAGENET1K_V1" / "IMAGENET1K_V2" for resnet50), loaded into the backbone only.
+    `backbone_kwargs` go to the backbone's constructor, e.g. {"in_channels": 3} for tiny_cnn.
+    """
+    if backbone not in BACKBONES:
+        close = difflib.get_close_matches(str(backbone), list(BACKBONES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"build_model: unknown backbone {backbone!r}, expected one of {tuple(BACKBONES)}{hint}")
+    kwargs = dict(backbone_kwargs or {})
+    accepted = list(inspect.signature(BACKBONES[backbone]).parameters)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"build_model: {backbone} takes backbone_kwargs {accepted}, got unknown {unknown}")
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG state is left untouched
+        torch.default_generator.manual_seed(seed)
+        model = EmbeddingModel(BACKBONES[backbone](**kwargs), embedding_dim, pooling, freeze_bn)
+    if pretrained is not None:
+        load_pretrained(model.backbone, resolve_pretrained(backbone, pretrained))
+    return model

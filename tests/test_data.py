@@ -1,0 +1,577 @@
+"""Tests for data.py: fake copies of every on-disk layout, folds, sampler, seeded transforms, download."""
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+import data
+
+COUNT_WARNING = "DATASETS.md says"
+
+
+def write_image(path: Path, kind: str = "rgb", seed: int = 0, size=(24, 16)) -> Path:
+    """A small image file; kind: rgb, gray, cmyk, palette (with transparency), rgba, corrupt, truncated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    if kind == "corrupt":
+        path.write_bytes(b"this is not an image")
+    elif kind == "truncated":
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG")
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    elif kind == "rgb":
+        Image.fromarray(pixels).save(path, "JPEG")
+    elif kind == "gray":
+        Image.fromarray(pixels[..., 0]).save(path, "JPEG")
+    elif kind == "cmyk":
+        Image.fromarray(pixels).convert("CMYK").save(path, "JPEG")
+    elif kind == "palette":
+        image = Image.fromarray(pixels).convert("P")
+        image.info["transparency"] = 0
+        image.save(path, "PNG", transparency=0)
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([pixels, pixels[..., :1]])).save(path, "PNG")
+    return path
+
+
+def build(name, root, split, transform=None):
+    """build_dataset on a fake (tiny) copy: the count warning is expected and asserted."""
+    with pytest.warns(UserWarning, match=COUNT_WARNING):
+        return data.build_dataset(name, root, split, transform)
+
+
+def ranks(class_ids):
+    return {c: r for r, c in enumerate(sorted(set(class_ids)))}
+
+
+# ----------------------------------------------------------------------------- CUB
+
+
+CUB_CLASSES = {1: ["rgb", "gray"], 2: ["cmyk", "palette"], 100: ["rgba"], 101: ["rgb", "rgb"], 200: ["rgb"]}
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    """root/CUB_200_2011 with images.txt, image_class_labels.txt and a macOS ._ file."""
+    base = tmp_path / "CUB_200_2011"
+    lines, labels, truth = [], [], {}
+    image_id = 0
+    for class_id, kinds in CUB_CLASSES.items():
+        for k, kind in enumerate(kinds):
+            image_id += 1
+            relative = f"{class_id:03d}.Class_{class_id}/img_{k}.jpg"
+            write_image(base / "images" / relative, kind, seed=image_id)
+            lines.append(f"{image_id} {relative}")
+            labels.append(f"{image_id} {class_id}")
+            truth[str(base / "images" / relative)] = class_id
+    (base / "images" / "001.Class_1" / "._img_0.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (base / "images.txt").write_text("\n".join(lines) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return tmp_path, truth
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cub_split_by_class_and_contiguous_labels(cub_root, split):
+    root, truth = cub_root
+    dataset = build("cub", root, split)
+    in_split = {p: c for p, c in truth.items() if (c <= 100) == (split == "train")}
+    assert set(dataset.paths) == set(in_split) and len(dataset) == len(in_split)
+    rank = ranks(in_split.values())
+    assert dataset.labels == [rank[in_split[p]] for p in dataset.paths]
+    assert dataset.num_classes == len(rank)
+
+
+def test_cub_inner_folder_and_every_mode_becomes_rgb(cub_root):
+    root, truth = cub_root
+    dataset = build("cub", root / "CUB_200_2011", "train")
+    assert len(dataset) == 5
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        assert image.mode == "RGB" and image.size == (24, 16) and label == dataset.labels[index]
+    gray_index = next(i for i, p in enumerate(dataset.paths) if p.endswith("001.Class_1/img_1.jpg"))
+    pixels = np.asarray(dataset[gray_index][0]).astype(int)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_count_warning_names_both_numbers(cub_root):
+    with pytest.warns(UserWarning, match=r"found 5 images of 3 classes.*5864 images of 100 classes"):
+        data.build_dataset("cub", cub_root[0], "train")
+
+
+def test_missing_root_and_metadata_name_the_file_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*python data.py download cub --root"):
+        data.build_dataset("cub", tmp_path / "nowhere", "train")
+    with pytest.raises(FileNotFoundError, match=r"CUB_200_2011/images.txt.*python data.py download cub"):
+        data.build_dataset("cub", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"Ebay_train.txt.*python data.py download sop"):
+        data.build_dataset("sop", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"cars_annos.mat.*names.csv.*prints how to get it"):
+        data.build_dataset("cars", tmp_path, "train")
+    with pytest.raises(ValueError, match=r"splits \('train', 'query', 'gallery'\), got 'test'"):
+        data.build_dataset("inshop", tmp_path, "test")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        data.build_dataset("mnist", tmp_path, "train")
+
+
+def test_malformed_metadata_line_names_file_and_line(cub_root):
+    root, _ = cub_root
+    with open(root / "CUB_200_2011" / "image_class_labels.txt", "a") as handle:
+        handle.write("99 1 extra\n")
+    with pytest.raises(ValueError, match=r"image_class_labels.txt:9: expected 2 fields"):
+        data.build_dataset("cub", root, "train")
+
+
+@pytest.mark.parametrize("kind, error", [("corrupt", ValueError), ("truncated", ValueError)])
+def test_unreadable_image_error_names_its_path(tmp_path, kind, error):
+    path = write_image(tmp_path / "bad.jpg", kind)
+    with pytest.raises(error, match=f"cannot decode image {path}"):
+        data.load_image(path)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.jpg"):
+        data.load_image(tmp_path / "missing.jpg")
+
+
+def test_corrupt_image_error_inside_dataloader_worker(cub_root):
+    root, truth = cub_root
+    dataset = build("cub", root, "test", data.build_transform("resnet", train=False, crop_size=8, resize=8))
+    write_image(Path(dataset.paths[1]), "corrupt")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
+    with pytest.raises(ValueError, match=f"cannot decode image {dataset.paths[1]}"):
+        next(iter(loader))
+
+
+# ----------------------------------------------------------------------------- Cars196, three layouts
+
+
+CARS_NAMES = {i: f"Make Model {i} 2012" for i in range(1, 197)}
+CARS_NAMES[98] = "Ram C/V Cargo Van Minivan 2012"
+CARS_IMAGES = [1, 1, 2, 98, 98, 99, 196, 196]  # class of each image, in the original numbering
+
+
+def cars_struct(rows, fields):
+    array = np.zeros((1, len(rows)), dtype=[(f, object) for f in fields])
+    for i, row in enumerate(rows):
+        array[0, i] = row
+    return array
+
+
+def make_cars_original(root):
+    truth, rows = {}, []
+    for i, class_id in enumerate(CARS_IMAGES, start=1):
+        relative = f"car_ims/{i:06d}.jpg"
+        truth[str(write_image(root / relative, seed=i))] = class_id
+        rows.append((relative, 1, 2, 20, 12, class_id, i % 2))
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": cars_struct(rows, fields)})
+    return truth
+
+
+def make_cars_devkit(root):
+    truth, per_folder = {}, {"cars_train": [], "cars_test": []}
+    for i, class_id in enumerate(CARS_IMAGES):
+        folder = "cars_train" if i % 2 else "cars_test"
+        fname = f"{len(per_folder[folder]) + 1:05d}.jpg"
+        truth[str(write_image(root / folder / fname, seed=i))] = class_id
+        per_folder[folder].append((1, 2, 20, 12, class_id, fname))
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    (root / "devkit").mkdir()
+    for folder, mat in (("cars_train", "devkit/cars_train_annos.mat"), ("cars_test", "cars_test_annos_withlabels.mat")):
+        scipy.io.savemat(root / mat, {"annotations": cars_struct(per_folder[folder], fields)})
+    return truth
+
+
+def make_cars_class_folders(root):
+    truth, annos = {}, {"train": [], "test": []}
+    for i, class_id in enumerate(CARS_IMAGES):
+        folder = "train" if i % 2 else "test"
+        fname = f"{i:05d}.jpg"
+        image_dir = root / "car_data" / "car_data" / folder / CARS_NAMES[class_id].replace("/", "-")
+        truth[str(write_image(image_dir / fname, seed=i))] = class_id
+        annos[folder].append(f"{fname},1,2,20,12,{class_id}")
+    (root / "names.csv").write_text("\n".join(CARS_NAMES[i] for i in range(1, 197)) + "\n")
+    for folder, lines in annos.items():
+        (root / f"anno_{folder}.csv").write_text("\n".join(lines) + "\n")
+    return truth
+
+
+@pytest.mark.parametrize("make", [make_cars_original, make_cars_devkit, make_cars_class_folders])
+def test_cars_every_layout_splits_by_class(tmp_path, make):
+    truth = make(tmp_path)
+    for split in ("train", "test"):
+        dataset = build("cars", tmp_path, split)
+        in_split = {p: c for p, c in truth.items() if (c <= 98) == (split == "train")}
+        assert set(dataset.paths) == set(in_split)
+        rank = ranks(in_split.values())
+        assert dataset.labels == [rank[in_split[p]] for p in dataset.paths]
+        assert all(Path(p).is_file() for p in dataset.paths)
+
+
+def test_cars_original_layout_from_inner_folder(tmp_path):
+    make_cars_original(tmp_path)
+    assert len(build("cars", tmp_path / "car_ims", "test")) == 3
+
+
+# ----------------------------------------------------------------------------- SOP and In-Shop
+
+
+def test_sop_reads_ebay_files_and_remaps_test_labels(tmp_path):
+    base = tmp_path / "Stanford_Online_Products"
+    rows = {"train": [(1, 1), (2, 1), (3, 7)], "test": [(4, 11319), (5, 11319), (6, 22634)]}
+    for split, items in rows.items():
+        lines = ["image_id class_id super_class_id path"]
+        for image_id, class_id in items:
+            relative = f"mug_final/{class_id}_{image_id}.JPG"
+            write_image(base / relative, seed=image_id)
+            lines.append(f"{image_id} {class_id} 8 {relative}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    test = build("sop", tmp_path, "test")
+    assert test.labels == [0, 0, 1] and test.num_classes == 2
+    assert test.paths == [str(base / "mug_final" / n) for n in ("11319_4.JPG", "11319_5.JPG", "22634_6.JPG")]
+    train = build("sop", base, "train")
+    assert train.labels == [0, 0, 1] and train[2][0].mode == "RGB"
+
+
+def make_inshop(root, declared=None):
+    rows = [("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),
+            ("img/WOMEN/Dresses/id_00000002/02_2_side.jpg", "id_00000002", "train"),
+            ("img/MEN/Denim/id_00000080/01_1_front.jpg", "id_00000080", "train"),
+            ("img/MEN/Denim/id_00000007/01_1_front.jpg", "id_00000007", "query"),
+            ("img/MEN/Denim/id_00000007/01_2_side.jpg", "id_00000007", "gallery"),
+            ("img/WOMEN/Tees/id_00000005/01_1_front.jpg", "id_00000005", "gallery"),  # gallery only
+            ("img/WOMEN/Tees/id_00000009/01_1_front.jpg", "id_00000009", "query"),
+            ("img/WOMEN/Tees/id_00000009/01_4_full.jpg", "id_00000009", "gallery")]
+    lines = [str(len(rows) if declared is None else declared), "image_name item_id evaluation_status"]
+    for i, (name, item, status) in enumerate(rows):
+        write_image(root / "Img" / name, seed=i)
+        lines.append(f"{name}{' ' * (60 - len(name))}{item}       {status}")
+    (root / "Eval").mkdir(parents=True, exist_ok=True)
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def test_inshop_query_and_gallery_share_one_mapping(tmp_path):
+    rows = make_inshop(tmp_path)
+    test_items = sorted({item for _, item, status in rows if status != "train"})
+    for split in ("train", "query", "gallery"):
+        dataset = build("inshop", tmp_path, split)
+        chosen = [(name, item) for name, item, status in rows if status == split]
+        universe = sorted({item for _, item in chosen}) if split == "train" else test_items
+        assert dataset.paths == [str(tmp_path / "Img" / name) for name, _ in chosen]
+        assert dataset.labels == [universe.index(item) for _, item in chosen]
+        assert dataset.num_classes == len(universe)
+    query, gallery = build("inshop", tmp_path, "query"), build("inshop", tmp_path, "gallery")
+    assert query.labels == [1, 2] and gallery.labels == [1, 0, 2]  # items 05 < 07 < 09
+
+
+def test_inshop_truncated_partition_file_is_an_error(tmp_path):
+    make_inshop(tmp_path, declared=52712)
+    with pytest.raises(ValueError, match=r"list_eval_partition.txt:1: declares '52712' rows but 8 follow"):
+        data.build_dataset("inshop", tmp_path, "train")
+
+
+# ----------------------------------------------------------------------------- digits, subsets, folds
+
+
+def test_digits_split_is_by_class_with_expected_counts():
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    train = data.build_dataset("digits", None, "train")  # exact counts: no warning
+    test = data.build_dataset("digits", None, "test")
+    assert (len(train), train.num_classes, len(test), test.num_classes) == (1083, 6, 714, 4)
+    for dataset, offset in ((train, 0), (test, 6)):
+        for position in (0, 17, len(dataset) - 1):
+            image, label = dataset[position]
+            original = int(dataset.paths[position].split("/")[1])
+            assert image.shape == (1, 8, 8) and image.dtype == torch.float32
+            assert torch.allclose(image[0], torch.tensor(reference.images[original] / 16.0, dtype=torch.float32))
+            assert label == reference.target[original] - offset
+    assert 0.0 <= float(train.images.min()) and float(train.images.max()) <= 1.0
+
+
+def test_class_subset_relabels_in_sorted_order():
+    dataset = data.build_dataset("digits", None, "train")
+    subset = data.class_subset(dataset, [5, 2])
+    expected = [(p, {2: 0, 5: 1}[label]) for p, label in zip(dataset.paths, dataset.labels) if label in (2, 5)]
+    assert list(zip(subset.paths, subset.labels)) == expected and subset.num_classes == 2
+    original = dataset.paths.index(subset.paths[3])
+    assert torch.equal(subset[3][0], dataset[original][0])
+    with pytest.raises(ValueError, match=r"\[7\] are absent"):
+        data.class_subset(dataset, [1, 7])
+
+
+def test_mlrc_folds_hand_computed_example():
+    # C = 10, 4 folds: linspace(0, 10, 5) = [0, 2.5, 5, 7.5, 10] -> boundaries [0, 2, 5, 7, 10]
+    ids = [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]
+    folds = data.mlrc_folds(list(reversed(ids)), 4)
+    assert [val for _, val in folds] == [[30, 31], [32, 33, 34], [35, 36], [37, 38, 39]]
+    assert folds[1][0] == [30, 31, 35, 36, 37, 38, 39]
+    assert data.mlrc_folds(range(6), 3)[2] == ([0, 1, 2, 3], [4, 5])
+
+
+def test_mlrc_folds_match_floor_linspace_and_partition_the_classes():
+    for n_classes in list(range(2, 40)) + [98, 100, 3997, 11318]:
+        for n_folds in range(2, min(n_classes, 6) + 1):
+            folds = data.mlrc_folds(range(n_classes), n_folds)
+            bounds = np.floor(np.linspace(0, n_classes, n_folds + 1)).astype(int)
+            for k, (train, val) in enumerate(folds):
+                assert val == list(range(bounds[k], bounds[k + 1]))
+                assert sorted(train + val) == list(range(n_classes))
+    with pytest.raises(ValueError, match="n_folds=4 for 3 classes"):
+        data.mlrc_folds(range(3), 4)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+LABELS = [0] * 10 + [1] * 3 + [2] * 6 + [3] * 5 + [4] * 8 + [5] * 1 + [6] * 7
+
+
+def test_sampler_batch_composition_and_without_replacement():
+    sampler = data.MPerClassSampler(LABELS, m=4, classes_per_batch=3, length=200, seed=3)
+    small_classes_seen = set()
+    for batch in sampler:
+        assert len(batch) == 12
+        indices = [i for i, _ in batch]
+        for c in range(3):
+            block = indices[4 * c: 4 * c + 4]
+            classes = {LABELS[i] for i in block}
+            assert len(classes) == 1
+            if LABELS.count(classes.pop()) >= 4:
+                assert len(set(block)) == 4  # distinct while the class has enough
+            else:
+                small_classes_seen.add(LABELS[block[0]])
+        assert len({LABELS[i] for i in indices}) == 3
+        assert len({s for _, s in batch}) == 12 and all(0 <= s < 2**63 for _, s in batch)
+    assert small_classes_seen == {1, 5}  # the with-replacement path ran for both short classes
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch():
+    np.random.seed(1)
+    first = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11)
+    epoch0 = list(first)
+    np.random.seed(2)
+    torch.manual_seed(2)
+    second = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11)
+    assert list(second) == epoch0 and list(first) == epoch0
+    first.set_epoch(1)
+    epoch1 = list(first)
+    assert epoch1 != epoch0
+    second.set_epoch(1, start=17)
+    assert len(second) == 13 and list(second) == epoch1[17:]
+    resumed = data.MPerClassSampler(LABELS, 2, 4, 30, seed=0)
+    resumed.load_state_dict(second.state_dict())
+    assert resumed.state_dict() == {"seed": 11, "epoch": 1, "start": 17} and list(resumed) == epoch1[17:]
+    assert list(data.MPerClassSampler(LABELS, 2, 4, 30, seed=12)) != epoch0
+
+
+def test_sampler_one_per_class_mode_and_errors():
+    sampler = data.MPerClassSampler(LABELS, m=1, classes_per_batch=7, length=20, seed=0)
+    for batch in sampler:
+        assert sorted(LABELS[i] for i, _ in batch) == list(range(7))
+    with pytest.raises(ValueError, match="classes_per_batch=8 but the labels hold only 7 classes"):
+        data.MPerClassSampler(LABELS, 1, 8, 20, seed=0)
+    with pytest.raises(ValueError, match=r"0 <= start <= 20, got epoch=0 start=21"):
+        sampler.set_epoch(0, 21)
+    with pytest.raises(ValueError, match=r"missing keys \['start'\]"):
+        sampler.load_state_dict({"seed": 0, "epoch": 0})
+
+
+def test_sampler_covers_classes_uniformly():
+    counts = np.zeros(7)
+    for batch in data.MPerClassSampler(LABELS, 1, 2, 3500, seed=5):
+        for i, _ in batch:
+            counts[LABELS[i]] += 1
+    assert np.abs(counts / counts.sum() - 1 / 7).max() < 0.02  # 7,000 draws: sd of each share ~0.004
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_seeded_augmentation_is_repeatable_and_leaves_global_rng_alone(cub_root):
+    root, _ = cub_root
+    dataset = build("cub", root, "train", data.build_transform("bninception", train=True, crop_size=12, resize=14))
+    state = torch.get_rng_state()
+    a, b = dataset[(0, 123)][0], dataset[(0, 123)][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and a.shape == (3, 12, 12)
+    assert len({dataset[(0, s)][0].sum().item() for s in range(10)}) > 1  # seeds do change the crop
+
+
+def test_seeded_augmentation_same_in_dataloader_workers(cub_root):
+    root, _ = cub_root
+    dataset = build("cub", root, "train", data.build_transform("resnet", train=True, crop_size=10, resize=12))
+    sampler = data.MPerClassSampler(dataset.labels, m=2, classes_per_batch=2, length=3, seed=7)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2)
+    for batch, (images, labels) in zip(sampler, loader):
+        expected = torch.stack([dataset[key][0] for key in batch])
+        assert torch.equal(images, expected)
+        assert labels.tolist() == [dataset.labels[i] for i, _ in batch]
+
+
+def test_with_transform_is_a_shallow_copy():
+    dataset = data.build_dataset("digits", None, "train")
+    shifted = dataset.with_transform(data.build_transform("digits", train=True))
+    assert dataset.transform is None and shifted.labels is dataset.labels
+    assert torch.equal(dataset[(4, 9)][0], dataset[4][0])
+
+
+def test_bninception_and_resnet_pixel_conventions():
+    rgb = (200, 50, 10)
+    image = Image.new("RGB", (40, 30), rgb)
+    bgr = data.build_transform("bninception", train=False, crop_size=20, resize=24)(image)
+    assert bgr.shape == (3, 20, 20)
+    for channel, value in enumerate([rgb[2] - 104, rgb[1] - 117, rgb[0] - 128]):
+        assert torch.allclose(bgr[channel], torch.full((20, 20), float(value)), atol=1e-4)
+    normalised = data.build_transform("resnet", train=True, crop_size=16, resize=24)(image)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for channel in range(3):
+        expected = (rgb[channel] / 255 - mean[channel]) / std[channel]
+        assert torch.allclose(normalised[channel], torch.full((16, 16), expected), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown style 'vgg'"):
+        data.build_transform("vgg", train=True)
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops():
+    # left half black, right half white: after resize and centre crop the boundary stays central
+    pixels = np.zeros((60, 120, 3), dtype=np.uint8)
+    pixels[:, 60:] = 255
+    out = data.build_transform("resnet", train=False, crop_size=20, resize=30)(Image.fromarray(pixels))
+    assert out.shape == (3, 20, 20)
+    assert (out[:, :, :9] < 0).all() and (out[:, :, 11:] > 0).all()
+
+
+def test_digits_train_shift_is_one_of_the_nine_shifts():
+    image = torch.arange(64, dtype=torch.float32).view(1, 8, 8) + 1
+    shift = data.build_transform("digits", train=True)
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = shift(image)
+        matches = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                reference = torch.zeros_like(image)
+                for y in range(8):
+                    for x in range(8):
+                        if 0 <= y + dy < 8 and 0 <= x + dx < 8:
+                            reference[0, y, x] = image[0, y + dy, x + dx]
+                if torch.equal(out, reference):
+                    matches.append((dy, dx))
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 9
+    assert data.build_transform("digits", train=False)(image) is image
+
+
+# ----------------------------------------------------------------------------- download, extract, check
+
+
+def md5(payload: bytes) -> str:
+    return hashlib.md5(payload).hexdigest()
+
+
+class RangeServer:
+    """A bounded HTTP server on 127.0.0.1 serving one payload, honouring Range unless told not to."""
+
+    def __init__(self, payload: bytes, honour_range: bool = True):
+        outer = self
+        self.ranges = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                header = self.headers.get("Range")
+                outer.ranges.append(header)
+                start = int(header[6:-1]) if header and honour_range else 0
+                body = payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.timeout = 5
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/archive.tgz"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_download_resumes_with_range_and_checks_md5(tmp_path, honour_range):
+    payload = np.random.default_rng(0).bytes(300_000)
+    dest = tmp_path / "archive.tgz"
+    (tmp_path / "archive.tgz.part").write_bytes(payload[:123_456])
+    with RangeServer(payload, honour_range) as server:
+        assert data.download(server.url, dest, md5(payload), timeout=10) == dest
+    assert server.ranges == ["bytes=123456-"]
+    assert dest.read_bytes() == payload and not (tmp_path / "archive.tgz.part").exists()
+
+
+def test_download_md5_mismatch_deletes_the_partial_file(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"abc" * 1000)
+    dest = tmp_path / "out" / "archive.zip"
+    with pytest.raises(ValueError, match=f"MD5 of {source.as_uri()} is {md5(b'abc' * 1000)}, expected 0+"):
+        data.download(source.as_uri(), dest, "0" * 32)
+    assert not dest.exists() and not (tmp_path / "out" / "archive.zip.part").exists()
+    assert data.download(source.as_uri(), dest, md5(b"abc" * 1000)).read_bytes() == b"abc" * 1000
+
+
+def test_extract_refuses_path_traversal(tmp_path):
+    tar_path = tmp_path / "evil.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"evil"))
+    zip_path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("ok/../../evil.txt", b"evil")
+    for archive in (tar_path, zip_path):
+        with pytest.raises(ValueError, match="would be written outside"):
+            data.extract(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_download_extract_and_check_cli(cub_root, tmp_path, capsys):
+    source_root, truth = cub_root
+    bad = next(p for p, c in truth.items() if c == 200)
+    write_image(Path(bad), "corrupt")
+    archive = tmp_path / "served" / "CUB_200_2011.tgz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(source_root / "CUB_200_2011", arcname="CUB_200_2011")
+    target = tmp_path / "target"
+    digest = md5(archive.read_bytes())
+    code = data.main(["download", "cub", "--root", str(target), "--url", archive.as_uri(), "--md5", digest])
+    out = capsys.readouterr().out
+    assert code == 1  # the corrupt file and the counts are problems
+    assert "cub train: 5 images, 3 classes" in out and "cub test: 3 images, 2 classes" in out
+    assert f"cannot decode image {target / 'CUB_200_2011' / Path(bad).relative_to(source_root / 'CUB_200_2011')}" in out
+    assert out.count("PROBLEM:") == 3  # two count warnings and one unreadable image
+    assert (target / "CUB_200_2011.tgz").is_file()
+    assert data.main(["check", "digits"]) == 0
+
+
+def test_manual_steps_for_cars_and_inshop(tmp_path, capsys):
+    assert data.main(["download", "cars", "--root", str(tmp_path)]) == 1
+    assert "cars_annos.mat" in capsys.readouterr().out
+    assert data.main(["download", "inshop", "--root", str(tmp_path)]) == 1
+    assert "list_eval_partition.txt" in capsys.readouterr().out

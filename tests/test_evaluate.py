@@ -1,0 +1,383 @@
+"""Tests of evaluate.py (PAPER.md §6): every retrieval metric against a brute-force numpy reference
+written here (full distance matrix, explicit loops), hand-computed cases, NMI against its formula,
+embedding extraction, the ensemble, the table, and every input error."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from evaluate import embed, ensemble, format_table, nmi, retrieval_metrics
+
+
+# ----------------------------------------------------------------------------- brute-force reference
+
+def distance_matrix(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
+    q, g = np.asarray(q, np.float64), np.asarray(g, np.float64)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        return -(q @ g.T)
+    return np.sqrt(((q[:, None, :] - g[None, :, :]) ** 2).sum(axis=2))
+
+
+def reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), metric="l2") -> dict:
+    """MLRC's definitions, one query at a time; ties broken by reference index."""
+    self_mode = g is None
+    if self_mode:
+        g, gl = q, ql
+    dist = distance_matrix(q, g, metric)
+    p1, pr, map_r, unmatched = [], [], [], 0
+    recall = {k: [] for k in recall_ks}
+    for i in range(len(q)):
+        candidates = [j for j in range(len(g)) if not (self_mode and j == i)]
+        order = sorted(candidates, key=lambda j: (dist[i, j], j))
+        correct = [gl[j] == ql[i] for j in order]
+        r = sum(correct)
+        if r == 0:
+            unmatched += 1
+            continue
+        p1.append(float(correct[0]))
+        for k in recall_ks:
+            recall[k].append(float(any(correct[:k])))
+        pr.append(sum(correct[:r]) / r)
+        hits, average_precision = 0, 0.0
+        for rank in range(r):
+            if correct[rank]:
+                hits += 1
+                average_precision += hits / (rank + 1)
+        map_r.append(average_precision / r)
+    out = {"P@1": float(np.mean(p1))}
+    out.update({f"R@{k}": float(np.mean(recall[k])) for k in recall_ks})
+    out.update({"P@R": float(np.mean(pr)), "MAP@R": float(np.mean(map_r)), "queries_without_match": unmatched})
+    return out
+
+
+def assert_metrics_equal(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+
+
+def assert_no_near_ties(q, ql, g, gl, metric, self_mode, depth) -> None:
+    """The float32 search can match the float64 reference exactly only where no two of a query's
+    first `depth` + 1 neighbours of different correctness are (nearly) tied; check the data has none.
+    With integer coordinates (see `clustered`) faiss's squared L2 distances are exact integers."""
+    dist = distance_matrix(q, g, metric) ** (2 if metric == "l2" else 1)
+    if self_mode:
+        np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :depth + 1]
+    nearest = np.take_along_axis(dist, order, axis=1)
+    correct = gl[order] == ql[:, None]
+    differ = correct[:, 1:] != correct[:, :-1]
+    assert np.diff(nearest, axis=1)[differ].min() > (0.5 if metric == "l2" else 1e-5)
+
+
+def clustered(seed: int, n_classes: int = 30, d: int = 8, max_size: int = 15):
+    """Random class sizes 1..max_size (singletons included), overlapping clusters, non-contiguous labels.
+
+    Coordinates are integers below 700 in magnitude, so every squared norm, inner product and squared
+    distance is an integer below 2**24: exact in float32, whatever order BLAS sums in.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_size + 1, n_classes)
+    labels = np.repeat(np.arange(n_classes), sizes)
+    centres = rng.standard_normal((n_classes, d))
+    x = np.round(100 * (centres[labels] + 0.7 * rng.standard_normal((len(labels), d))))
+    assert np.abs(x).max() < 700
+    order = rng.permutation(len(labels))
+    return x[order].astype(np.float32), (labels[order] * 13 - 50)
+
+
+# ----------------------------------------------------------------------------- against brute force
+
+@pytest.mark.parametrize("seed", [2, 5, 6])  # seeds whose data have no near ties (asserted below)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_self_retrieval_matches_brute_force(seed, metric):
+    x, y = clustered(seed)
+    ks = (1, 2, 4, 8)
+    max_r = np.unique(y, return_counts=True)[1].max() - 1
+    assert max_r > max(ks)  # some query's R exceeds max(recall_ks): k must not be capped at 8
+    assert_no_near_ties(x, y, x, y, metric, True, max(max_r, *ks))
+    expected = reference_metrics(x, y, recall_ks=ks, metric=metric)
+    assert expected["queries_without_match"] > 0  # singletons present
+    assert 0.2 < expected["MAP@R"] < 0.9  # informative data, not a trivial 0 or 1
+    assert_metrics_equal(retrieval_metrics(x, y, recall_ks=ks, metric=metric), expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_query_gallery_matches_brute_force_with_one_sided_classes(metric):
+    x, y = clustered(3, n_classes=40)
+    classes = np.unique(y)
+    query_only, gallery_only = classes[:5], classes[5:10]
+    rng = np.random.default_rng(3)
+    to_query = np.isin(y, query_only) | (~np.isin(y, gallery_only) & (rng.random(len(y)) < 0.4))
+    q, ql, g, gl = x[to_query], y[to_query], x[~to_query], y[~to_query]
+    ks = (1, 3, 10, 1000)  # 1000 > number of references: R@1000 counts every reference
+    assert_no_near_ties(q, ql, g, gl, metric, False, max(np.unique(gl, return_counts=True)[1].max(), 10))
+    expected = reference_metrics(q, ql, g, gl, recall_ks=ks, metric=metric)
+    assert expected["queries_without_match"] >= np.isin(ql, query_only).sum() > 0
+    assert_metrics_equal(retrieval_metrics(q, ql, g, gl, recall_ks=ks, metric=metric), expected)
+
+
+def test_cosine_equals_l2_on_unit_vectors_and_leaves_input_alone():
+    x, y = clustered(4)
+    before = x.copy()
+    cosine = retrieval_metrics(x, y, metric="cosine")
+    np.testing.assert_array_equal(x, before)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert_metrics_equal(cosine, retrieval_metrics(unit, y, metric="l2"))
+
+
+# ----------------------------------------------------------------------------- hand-built cases
+
+def test_hand_computed_map_at_r_with_r_above_max_recall_k():
+    # references at distances 1..5 with classes A B A A B: R = 3 > max(recall_ks) = 1,
+    # P@R = 2/3, MAP@R = (1/1 + 0 + 2/3) / 3 = 5/9
+    query, gallery = np.zeros((1, 1)), np.arange(1.0, 6.0)[:, None]
+    got = retrieval_metrics(query, [0], gallery, [0, 1, 0, 0, 1], recall_ks=(1,))
+    assert got == pytest.approx({"P@1": 1.0, "R@1": 1.0, "P@R": 2 / 3, "MAP@R": 5 / 9, "queries_without_match": 0})
+
+
+def test_single_item_class_is_unscored_but_still_a_distractor():
+    # points 0 and 3 share class 0; the singleton (class 9) at 1 sits nearer to both than they are to each other
+    got = retrieval_metrics(np.array([[0.0], [3.0], [1.0]]), np.array([0, 0, 9]), recall_ks=(1, 2))
+    assert got == pytest.approx({"P@1": 0.0, "R@1": 0.0, "R@2": 1.0, "P@R": 0.0, "MAP@R": 0.0,
+                                 "queries_without_match": 1})
+
+
+def test_classes_on_one_side_only_hand_built():
+    # query class 7 has no gallery item (unscored); gallery class 8 is a distractor nearer than the match
+    got = retrieval_metrics(np.array([[0.0], [10.0]]), np.array([5, 7]), np.array([[1.0], [2.0]]),
+                            np.array([8, 5]), recall_ks=(1, 2))
+    assert got == pytest.approx({"P@1": 0.0, "R@1": 0.0, "R@2": 1.0, "P@R": 0.0, "MAP@R": 0.0,
+                                 "queries_without_match": 1})
+
+
+def test_exact_duplicates_with_the_same_label_are_neighbours():
+    x = np.array([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [10.0, 0.5]])
+    got = retrieval_metrics(x, np.array([0, 0, 1, 1]), recall_ks=(1,))
+    assert got == pytest.approx({"P@1": 1.0, "R@1": 1.0, "P@R": 1.0, "MAP@R": 1.0, "queries_without_match": 0})
+
+
+def reference_over_tie_orders(x, y, recall_ks) -> list[dict]:
+    """The reference under every order of the points, i.e. under every way of breaking exact ties."""
+    return [reference_metrics(x[list(p)], y[list(p)], recall_ks=recall_ks)
+            for p in itertools.permutations(range(len(x)))]
+
+
+def test_exact_duplicates_with_different_labels():
+    # points 0 and 1 coincide but differ in class: each is the other's (wrong) nearest neighbour
+    x = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, -5.0]])
+    y = np.array([0, 1, 0, 1])
+    ks = (1, 2, 4)
+    got = retrieval_metrics(x, y, recall_ks=ks)
+    possible = reference_over_tie_orders(x, y, ks)
+    assert any(all(got[key] == pytest.approx(ref[key]) for key in ref) for ref in possible)
+    assert got["P@1"] <= 0.5  # queries 0 and 1 certainly miss: self was removed, not the duplicate
+    assert got["R@2"] == pytest.approx(0.75) and got["R@4"] == 1.0
+
+
+def test_drop_self_removes_own_index_wherever_it_is():
+    neighbours = np.array([[5, 2, 7], [2, 5, 7], [2, 7, 5], [1, 3, 4]])
+    kept = evaluate._drop_self(neighbours, np.array([5, 5, 5, 9]))  # row 3: self not among the k + 1
+    np.testing.assert_array_equal(kept, [[2, 7], [2, 7], [2, 7], [1, 3]])
+
+
+def test_labels_need_not_be_contiguous():
+    x, y = clustered(5)
+    contiguous = np.unique(y, return_inverse=True)[1]
+    new_values = np.random.default_rng(5).permutation(contiguous.max() + 1) * 10**12 - 7  # huge, negative, shuffled
+    scattered = new_values[contiguous]
+    assert_metrics_equal(retrieval_metrics(x, scattered), retrieval_metrics(x, contiguous))
+
+
+def test_torch_and_numpy_inputs_give_identical_results():
+    x, y = clustered(6)
+    q, ql, g, gl = x[:150], y[:150], x[150:], y[150:]
+    from_numpy = retrieval_metrics(q, ql, g, gl)
+    from_torch = retrieval_metrics(torch.tensor(q, dtype=torch.float64, requires_grad=True),
+                                   torch.tensor(ql, dtype=torch.int32), torch.from_numpy(g), torch.from_numpy(gl))
+    assert from_torch == from_numpy
+    assert retrieval_metrics(torch.from_numpy(x), torch.from_numpy(y)) == retrieval_metrics(x, y)
+
+
+def test_returned_types_and_key_order():
+    x, y = clustered(7)
+    got = retrieval_metrics(x, y, recall_ks=(8, 1))
+    assert list(got) == ["P@1", "R@8", "R@1", "P@R", "MAP@R", "queries_without_match"]
+    assert all(type(got[key]) is float for key in list(got)[:-1])
+    assert type(got["queries_without_match"]) is int
+
+
+# ----------------------------------------------------------------------------- input errors
+
+X, Y = np.random.default_rng(0).standard_normal((6, 3)), np.array([0, 0, 1, 1, 2, 2])
+
+
+def with_bad_rows(rows: list[int], value: float) -> np.ndarray:
+    x = X.copy()
+    x[rows, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(query=X, query_labels=Y[:5]), "query_labels has 5 entries but its embeddings have 6 rows"),
+    (dict(query=with_bad_rows([3, 5], np.nan), query_labels=Y), r"query has 2 rows with NaN or inf .*first at row 3"),
+    (dict(query=X, query_labels=Y, gallery=with_bad_rows([4], np.inf), gallery_labels=Y),
+     r"gallery has 1 rows with NaN or inf .*first at row 4"),
+    (dict(query=np.zeros((0, 3)), query_labels=np.zeros(0, int)), r"query is empty: shape \(0, 3\)"),
+    (dict(query=X, query_labels=Y, gallery=np.zeros((0, 3)), gallery_labels=np.zeros(0, int)), "gallery is empty"),
+    (dict(query=X, query_labels=Y, gallery=X[:, :2], gallery_labels=Y), "query has d = 3 but gallery has d = 2"),
+    (dict(query=X[:, 0], query_labels=Y), r"query must be 2-D \(N, d\), got shape \(6,\)"),
+    (dict(query=X, query_labels=Y[:, None]), r"query_labels must be 1-D"),
+    (dict(query=X, query_labels=Y.astype(float)), "query_labels must be integers, got dtype float64"),
+    (dict(query=X, query_labels=torch.tensor(Y, dtype=torch.float32)), "query_labels must be integers"),
+    (dict(query=X, query_labels=Y, gallery=X), "gallery and gallery_labels must be given together"),
+    (dict(query=X, query_labels=Y, metric="euclidean"), "metric must be one of"),
+    (dict(query=X, query_labels=Y, recall_ks=(1, 0)), "recall_ks must be a sequence of positive integers"),
+    (dict(query=X, query_labels=Y, recall_ks=5), "recall_ks must be a sequence of positive integers"),
+    (dict(query=X[:1], query_labels=Y[:1]), "needs at least 2 items, got 1"),
+    (dict(query=X, query_labels=np.arange(6)), "none of the 6 queries has a reference of its class"),
+    (dict(query=X * (np.arange(6) != 2)[:, None], query_labels=Y, metric="cosine"),
+     r"zero vectors; query has 1 \(first at row 2\)"),
+])
+def test_retrieval_metrics_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(**kwargs)
+
+
+# ----------------------------------------------------------------------------- NMI
+
+def reference_nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """I(Y; C) / ((H(Y) + H(C)) / 2) from the joint counts."""
+    n = len(labels)
+    joint = np.array([[np.sum((labels == a) & (clusters == b)) for b in np.unique(clusters)]
+                      for a in np.unique(labels)]) / n
+    py, pc = joint.sum(axis=1), joint.sum(axis=0)
+    mi = sum(joint[i, j] * math.log(joint[i, j] / (py[i] * pc[j]))
+             for i in range(len(py)) for j in range(len(pc)) if joint[i, j] > 0)
+    entropy = lambda p: -sum(v * math.log(v) for v in p if v > 0)  # noqa: E731
+    return mi / ((entropy(py) + entropy(pc)) / 2)
+
+
+def three_far_clusters() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    x = np.repeat(centres, 10, axis=0) + rng.standard_normal((30, 2))
+    return x.astype(np.float32), np.repeat(np.arange(3), 10)
+
+
+def test_nmi_matches_formula_on_obvious_clusters():
+    x, clusters = three_far_clusters()
+    labels = np.array([0] * 8 + [1] * 2 + [1] * 7 + [2] * 3 + [2] * 10) + 40  # labels disagree in part
+    expected = reference_nmi(labels, clusters)
+    assert 0.3 < expected < 0.9
+    assert nmi(x, labels) == pytest.approx(expected, abs=1e-12)
+    assert nmi(x, clusters * 5 - 3) == pytest.approx(1.0)
+
+
+def test_nmi_is_reproducible_and_accepts_torch():
+    x, y = clustered(8)
+    assert nmi(x, y, seed=3) == nmi(x, y, seed=3) == nmi(torch.from_numpy(x), torch.from_numpy(y), seed=3)
+    assert 0.0 < nmi(x, y, seed=3, niter=5) < 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(embeddings=X, labels=Y[:4]), "nmi: labels has 4 entries"),
+    (dict(embeddings=with_bad_rows([1], np.nan), labels=Y), "nmi: embeddings has 1 rows with NaN"),
+    (dict(embeddings=X, labels=Y, niter=0), "niter must be a positive integer"),
+    (dict(embeddings=X, labels=Y, seed=-1), "seed must be an integer"),
+])
+def test_nmi_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nmi(**kwargs)
+
+
+# ----------------------------------------------------------------------------- embed
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 3)).double()
+    model[2].running_mean.uniform_(-1, 1)
+    model.train()
+    model[2].eval()  # a frozen BatchNorm inside a training model, as in MLRC
+    return model
+
+
+def test_embed_concatenates_eval_outputs_in_loader_order_and_restores_modes():
+    model = small_model()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 9, (n,), generator=gen))
+               for n in (3, 5, 2)]
+    embeddings, labels = embed(model, batches, "cpu")
+    assert model.training and model[1].training and not model[2].training
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.cat([b[0] for b in batches]))
+    assert embeddings.dtype == torch.float32 and labels.dtype == torch.int64
+    assert embeddings.device.type == "cpu" and not embeddings.requires_grad
+    torch.testing.assert_close(embeddings, expected.float())
+    assert torch.equal(labels, torch.cat([b[1] for b in batches]))
+
+
+@pytest.mark.parametrize("loader, message", [
+    ([], "the loader yielded no batches"),
+    ([(torch.zeros(2, 4, dtype=torch.float64),)], "batch 0 of the loader must be an \\(inputs, labels\\) pair"),
+    ([(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(3))], r"batch 0: the model must return \(3, d\)"),
+])
+def test_embed_rejects_bad_batches_and_still_restores_modes(loader, message):
+    model = small_model()
+    with pytest.raises(ValueError, match=message):
+        embed(model, loader, torch.device("cpu"))
+    assert model.training and not model[2].training
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+def test_ensemble_normalises_each_part_then_concatenates():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 3)), rng.standard_normal((5, 2)) * 7
+    expected = np.concatenate([a / np.sqrt((a ** 2).sum(1, keepdims=True)),
+                               b / np.sqrt((b ** 2).sum(1, keepdims=True))], axis=1)
+    from_torch = ensemble([torch.from_numpy(a), torch.from_numpy(b)])
+    assert isinstance(from_torch, torch.Tensor) and from_torch.shape == (5, 5)
+    np.testing.assert_allclose(from_torch.numpy(), expected, rtol=1e-12)
+    from_numpy = ensemble([a, b])
+    assert isinstance(from_numpy, np.ndarray)
+    np.testing.assert_allclose(from_numpy, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("parts, message", [
+    ([], "non-empty list"),
+    ([np.ones((4, 2)), np.ones((5, 2))], "part 0 has 4 rows, part 1 has 5"),
+    ([np.ones(4)], r"part 0 must be 2-D \(N, d\), got shape \(4,\)"),
+])
+def test_ensemble_rejects_bad_input(parts, message):
+    with pytest.raises(ValueError, match=message):
+        ensemble(parts)
+
+
+# ----------------------------------------------------------------------------- format_table
+
+def test_format_table_orders_aligns_and_formats():
+    metrics = {"MAP@R": 0.1234, "epoch_seconds": 0.5, "R@10": 0.9, "queries_without_match": 3,
+               "R@2": 0.8, "NMI": 0.5, "P@R": 0.2, "P@1": 0.6367}
+    lines = format_table(metrics).splitlines()
+    assert [line.split()[0] for line in lines] == ["metric", "P@1", "R@2", "R@10", "P@R", "MAP@R", "NMI",
+                                                   "epoch_seconds", "queries_without_match"]
+    assert lines[1].split()[1] == "63.67%" and lines[5].split()[1] == "12.34%"
+    assert lines[-1].split()[1] == "3"
+    assert len({len(line) for line in lines}) == 1  # one width: values right-aligned in one column
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ({}, "non-empty dict"),
+    ({"P@1": "high"}, "value of 'P@1' must be a number"),
+])
+def test_format_table_rejects_bad_input(metrics, message):
+    with pytest.raises(ValueError, match=message):
+        format_table(metrics)

@@ -1,0 +1,506 @@
+"""Tests for losses.py: every loss against a loop-based reference written here (plain Python floats),
+edge cases, float64 gradchecks, the CCP objective against its definition, XBM's queue, the baselines."""
+import math
+
+import pytest
+import torch
+
+import losses
+
+# --------------------------------------------------------------------------- loop references (plain floats)
+
+
+def ref_dot(u, v):
+    return sum(a * b for a, b in zip(u, v))
+
+
+def ref_dist(u, v):
+    return math.sqrt(sum((a - b) ** 2 for a, b in zip(u, v)))
+
+
+def ref_unit(u):
+    norm = math.sqrt(ref_dot(u, u))
+    return [a / norm for a in u]
+
+
+def ref_mean_nonzero(terms):
+    positive = [t for t in terms if t > 0]
+    return sum(positive) / len(positive) if positive else 0.0
+
+
+def ref_neighbours(x, y, ref, ref_y):
+    """Per anchor i: the lists of positive and negative reference vectors (self excluded in pair form)."""
+    X, Y = x.tolist(), y.tolist()
+    pair_form = ref is None
+    R, RY = (X, Y) if pair_form else (ref.tolist(), ref_y.tolist())
+    out = []
+    for i in range(len(X)):
+        pos = [R[j] for j in range(len(R)) if RY[j] == Y[i] and not (pair_form and j == i)]
+        neg = [R[j] for j in range(len(R)) if RY[j] != Y[i]]
+        out.append((X[i], pos, neg))
+    return out
+
+
+def ref_c1(x, y, ref=None, ref_y=None, margin=0.5):
+    total = 0.0
+    for a, pos, neg in ref_neighbours(x, y, ref, ref_y):
+        total += sum(1 - ref_dot(a, p) for p in pos) + sum(max(0.0, ref_dot(a, q) - margin) for q in neg)
+    return total / len(x)
+
+
+def ref_c2(x, y, ref=None, ref_y=None, pos_margin=0.0, neg_margin=0.5):
+    pulls, pushes = [], []
+    for a, pos, neg in ref_neighbours(x, y, ref, ref_y):
+        pulls += [max(0.0, ref_dist(a, p) - pos_margin) for p in pos]
+        pushes += [max(0.0, neg_margin - ref_dist(a, q)) for q in neg]
+    return ref_mean_nonzero(pulls) + ref_mean_nonzero(pushes)
+
+
+def ref_triplet(x, y, ref=None, ref_y=None, margin=0.1):
+    terms = []
+    for a, pos, neg in ref_neighbours(x, y, ref, ref_y):
+        for p in pos:
+            for q in neg:
+                terms.append(max(0.0, ref_dist(a, p) - ref_dist(a, q) + margin))
+    return ref_mean_nonzero(terms)
+
+
+def ref_ms(x, y, ref=None, ref_y=None, alpha=2.0, beta=40.0, base=0.5):
+    total = 0.0
+    for a, pos, neg in ref_neighbours(x, y, ref, ref_y):
+        pull = math.log(1 + sum(math.exp(-alpha * (ref_dot(a, p) - base)) for p in pos)) / alpha
+        push = math.log(1 + sum(math.exp(beta * (ref_dot(a, q) - base)) for q in neg)) / beta
+        total += pull + push
+    return total / len(x)
+
+
+REFERENCES = {"c1": ref_c1, "c2": ref_c2, "triplet": ref_triplet, "ms": ref_ms}
+PARAMS = {"c1": [{}, {"margin": 0.1}], "c2": [{}, {"pos_margin": 0.2652, "neg_margin": 0.5409}],
+          "triplet": [{}, {"margin": 0.3}], "ms": [{}, {"alpha": 14.35, "beta": 75.83, "base": 0.66}]}
+
+# --------------------------------------------------------------------------- data
+
+
+def unit_ball(n, d, seed, dtype=torch.float64):
+    """Rows with norms spread inside the unit ball and on the sphere, like n(x)."""
+    g = torch.Generator().manual_seed(seed)
+    x = losses.l2_normalize(torch.randn(n, d, generator=g, dtype=dtype))
+    radius = torch.rand(n, 1, generator=g, dtype=dtype) * 0.8 + 0.2
+    return torch.where(torch.rand(n, 1, generator=g, dtype=dtype) < 0.5, x, x * radius)
+
+
+# variable numbers of positives per anchor, including a class with a single sample
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 1])
+REF_LABELS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 5, 0, 4, 4, 1, 3])
+
+
+def close(value, expected, tol=1e-10):
+    value = float(value.detach()) if isinstance(value, torch.Tensor) else value
+    assert math.isfinite(value)
+    assert value == pytest.approx(expected, rel=tol, abs=tol)
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def test_lipschitz_normalize_values_and_zero():
+    x = torch.tensor([[0.3, 0.4], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    out = losses.lipschitz_normalize(x)
+    assert out.flatten().tolist() == pytest.approx([0.3, 0.4, 0.6, 0.8, 0.0, 0.0])
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[2].tolist() == [1.0, 1.0]  # identity inside the ball, also at 0
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.7])
+def test_lipschitz_normalize_gradcheck_inside_and_outside(scale):
+    x = losses.l2_normalize(torch.randn(5, 4, dtype=torch.float64)) * scale
+    assert torch.autograd.gradcheck(losses.lipschitz_normalize, (x.requires_grad_(),))
+
+
+def test_lipschitz_normalize_on_the_sphere_is_identity():
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(losses.lipschitz_normalize, x)
+    assert torch.equal(jacobian, torch.eye(6, dtype=torch.float64).view(2, 3, 2, 3))
+
+
+def test_l2_normalize_values_and_gradcheck():
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = losses.l2_normalize(x)
+    for row, orig in zip(out.tolist(), x.tolist()):
+        assert row == pytest.approx(ref_unit(orig))
+    assert torch.autograd.gradcheck(losses.l2_normalize, (x.requires_grad_(),))
+    assert losses.NORMALIZATIONS == {"lipschitz": losses.lipschitz_normalize, "l2": losses.l2_normalize}
+
+
+def test_pairwise_distance_exact_zero_for_duplicates():
+    a = unit_ball(6, 128, 0, torch.float32)
+    d = losses.pairwise_distance(a, a[[3, 0, 5]])
+    for i in range(6):
+        for j, k in enumerate([3, 0, 5]):
+            expected = ref_dist(a[i].double().tolist(), a[k].double().tolist())
+            assert float(d[i, j]) == (0.0 if i == k else pytest.approx(expected, rel=1e-5))
+
+# --------------------------------------------------------------------------- the four losses vs references
+
+
+def test_losses_mapping():
+    assert losses.LOSSES == {"c1": losses.c1_contrastive, "c2": losses.c2_contrastive,
+                             "triplet": losses.triplet, "ms": losses.multi_similarity}
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("form", ["pair", "proxy"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loss_matches_loop_reference(name, form, seed):
+    x = unit_ball(len(LABELS), 5, seed)
+    ref, ref_y = (None, None) if form == "pair" else (unit_ball(len(REF_LABELS), 5, seed + 100), REF_LABELS)
+    for params in PARAMS[name]:
+        value = losses.LOSSES[name](x, LABELS, ref, ref_y, **params)
+        assert value.dtype == torch.float64 and value.shape == ()
+        close(value, REFERENCES[name](x, LABELS, ref, ref_y, **params))
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_proxy_form_with_class_major_proxies(name):
+    proxies = losses.Proxies(6, 3, 5, generator=torch.Generator().manual_seed(3)).double()
+    x = unit_ball(len(LABELS), 5, 4)
+    p = losses.lipschitz_normalize(proxies.weight.detach())
+    close(losses.LOSSES[name](x, LABELS, p, proxies.labels), REFERENCES[name](x, LABELS, p, proxies.labels))
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("labels", [torch.zeros(7, dtype=torch.long), torch.arange(7)],
+                         ids=["single_class", "all_distinct"])
+def test_batches_without_positives_or_negatives(name, labels):
+    x = unit_ball(7, 4, 5).requires_grad_()
+    value = losses.LOSSES[name](x, labels)
+    close(value, REFERENCES[name](x.detach(), labels))
+    value.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_satisfied_pairs_give_zero():
+    # two classes on orthogonal axes, each class a tight cluster: every constraint is met
+    x = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.01, 0.99]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    assert float(losses.c2_contrastive(x, y, pos_margin=0.1, neg_margin=0.5)) == 0.0
+    assert float(losses.triplet(x, y, margin=0.5)) == 0.0
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    assert float(losses.c1_contrastive(same, y, margin=0.5)) == 0.0
+    assert float(losses.c1_contrastive(same, y, same, y)) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_points(name, dtype):
+    x = unit_ball(8, 16, 6, dtype)[[0, 1, 2, 0, 3, 4, 5, 5]].requires_grad_()
+    y = torch.tensor([0, 0, 1, 0, 1, 2, 2, 2])
+    params = {"c2": {"pos_margin": 0.0}}.get(name, {})
+    value = losses.LOSSES[name](x, y, **params)
+    # duplicates are at distance exactly 0: with m⁺ = 0 their C2 term is zero and not counted
+    close(value, REFERENCES[name](x.detach().double(), y, **params), tol=1e-5)
+    value.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("form", ["pair", "proxy"])
+@pytest.mark.parametrize("norm", sorted(losses.NORMALIZATIONS))
+def test_gradcheck_losses(name, form, norm):
+    n = losses.NORMALIZATIONS[norm]
+    g = torch.Generator().manual_seed(7)
+    # raw rows with norms 0.3–0.8 and 1.3–1.8: away from the sphere where n is not differentiable
+    scale = torch.tensor([0.3, 1.3, 0.6, 1.6, 0.8, 1.8, 0.5, 1.5]).double()[:, None]
+    x = losses.l2_normalize(torch.randn(8, 4, generator=g, dtype=torch.float64)) * scale
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3])
+    params = {"ms": {"alpha": 2.0, "beta": 10.0}}.get(name, {})
+    fn = losses.LOSSES[name]
+    if form == "pair":
+        assert torch.autograd.gradcheck(lambda a: fn(n(a), y, **params), (x.requires_grad_(),))
+    else:
+        p = losses.l2_normalize(torch.randn(8, 4, generator=g, dtype=torch.float64)) * scale.flip(0)
+        py = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        assert torch.autograd.gradcheck(lambda a, b: fn(n(a), y, n(b), py, **params),
+                                        (x.requires_grad_(), p.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_alpha_beta_stay_finite(dtype):
+    x = unit_ball(10, 8, 8)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    expected = ref_ms(x, y, alpha=100.0, beta=1000.0, base=0.5)
+    value = losses.multi_similarity(x.to(dtype).requires_grad_(), y, alpha=100.0, beta=1000.0)
+    assert value.dtype == dtype
+    close(value, expected, tol=1e-2 if dtype == torch.float16 else 1e-5)
+    pa = losses.ProxyAnchor(5, 8, alpha=1000.0).to(dtype)
+    assert torch.isfinite(pa(x.to(dtype), y))
+
+
+def test_triplet_proxy_form_does_not_build_n_m_m():
+    n, classes, per_class, d = 4, 3000, 4, 8
+    g = torch.Generator().manual_seed(9)
+    x = losses.l2_normalize(torch.randn(n, d, generator=g)).requires_grad_()
+    p = losses.l2_normalize(torch.randn(classes * per_class, d, generator=g))
+    p_y = torch.arange(classes).repeat_interleave(per_class)
+    largest = []
+
+    def pack(t):
+        largest.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses.triplet(x, torch.tensor([0, 1, 2, 2]), p, p_y).backward()
+    m = classes * per_class
+    assert max(largest) <= n * per_class * m < n * m * m // 100
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_bad_input_raises(name):
+    fn = losses.LOSSES[name]
+    x, y = unit_ball(4, 3, 10), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="1-D integer tensor of length 4"):
+        fn(x, y[:3])
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        fn(x, y.double())
+    with pytest.raises(ValueError, match="2-D floating tensor"):
+        fn(x[0], y)
+    with pytest.raises(ValueError, match=r"share dimension.*\(4, 3\).*references as a tensor of shape \(4, 5\)"):
+        fn(x, y, unit_ball(4, 5, 11), y)
+    with pytest.raises(ValueError, match="share dimension, dtype.*float64.*float32"):
+        fn(x, y, x.float(), y)
+    with pytest.raises(ValueError, match="ref and ref_y come together"):
+        fn(x, y, x)
+    with pytest.raises(ValueError, match="at least one row"):
+        fn(x[:0], y[:0])
+    bad = x.clone()
+    bad[1, 0], bad[3, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"2 row\(s\) with NaN or inf \(first: row 1\)"):
+        fn(bad, y)
+    with pytest.raises(ValueError, match="references have 2 row"):
+        fn(x, y, bad, y)
+    huge = torch.full((4, 3), 6e4, dtype=torch.float16)  # finite rows whose float16 sum overflows
+    assert fn(huge, y).dtype == torch.float16
+
+# --------------------------------------------------------------------------- proxies and CCPLoss
+
+
+def test_proxies_layout_init_and_reset():
+    proxies = losses.Proxies(5, 3, 64, generator=torch.Generator().manual_seed(0))
+    assert proxies.weight.shape == (15, 64)
+    assert proxies.labels.tolist() == [c for c in range(5) for _ in range(3)]
+    assert torch.equal(proxies.per_class()[2, 1], proxies.weight[2 * 3 + 1])
+    again = losses.Proxies(5, 3, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(proxies.weight, again.weight)
+    assert 0.8 < float(proxies.weight.detach().std() * math.sqrt(64)) < 1.2  # N(0, 1/d)
+
+    optimizer = torch.optim.Adam(proxies.parameters(), lr=0.1)
+    proxies.weight.sum().backward()
+    optimizer.step()
+    parameter, moments = proxies.weight, optimizer.state[proxies.weight]["exp_avg"].clone()
+    new = torch.randn(5, 3, 64)
+    proxies.reset(new)
+    assert proxies.weight is parameter and torch.equal(proxies.weight.detach(), new.view(15, 64))
+    assert torch.equal(optimizer.state[proxies.weight]["exp_avg"], moments)
+    proxies.reset(new.view(15, 64) * 2)
+    assert torch.equal(proxies.weight.detach(), new.view(15, 64) * 2)
+    with pytest.raises(ValueError, match=r"shape \(15, 64\) or \(5, 3, 64\)"):
+        proxies.reset(torch.zeros(15, 63))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        proxies.reset(torch.full((15, 64), float("nan")))
+    with pytest.raises(ValueError, match="per_class > 0"):
+        losses.Proxies(5, 0, 64)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_ccp_loss_matches_its_definition(name):
+    proxies = losses.Proxies(5, 2, 6, generator=torch.Generator().manual_seed(1)).double()
+    params = PARAMS[name][1]
+    ccp = losses.CCPLoss(losses.LOSSES[name], proxies, pair_weight=0.3, proxy_weight=0.7, **params)
+    raw = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2
+    y = torch.tensor([0, 0, 1, 1, 3, 3, 4, 4])
+    z, p = losses.lipschitz_normalize(raw), losses.lipschitz_normalize(proxies.weight.detach())
+    pair, proxy = REFERENCES[name](z, y, **params), REFERENCES[name](z, y, p, proxies.labels, **params)
+    close(ccp(raw, y), 0.3 * pair + 0.7 * proxy)
+    terms = ccp.terms(raw, y)
+    close(terms[0], pair)
+    close(terms[1], proxy)
+    ccp(raw, y).backward()
+    assert proxies.weight.grad is not None and proxies.weight.grad.abs().sum() > 0
+    assert "proxies.weight" in ccp.state_dict()
+
+    l2 = losses.CCPLoss(losses.LOSSES[name], proxies, normalize=losses.l2_normalize, **params)
+    z, p = losses.l2_normalize(raw), losses.l2_normalize(proxies.weight.detach())
+    close(l2(raw, y), 0.1 * REFERENCES[name](z, y, **params) + REFERENCES[name](z, y, p, proxies.labels, **params))
+
+
+def test_ccp_loss_bad_input():
+    proxies = losses.Proxies(3, 2, 4)
+    with pytest.raises(ValueError, match=r"accepts the parameters \['margin'\], got \['marg'\]"):
+        losses.CCPLoss(losses.triplet, proxies, marg=0.1)
+    ccp = losses.CCPLoss(losses.triplet, proxies)
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\), got values from 0 to 3"):
+        ccp(torch.randn(4, 4), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="share dimension"):
+        ccp(torch.randn(4, 5), torch.tensor([0, 1, 2, 2]))
+    with pytest.raises(ValueError, match="Proxies module"):
+        losses.CCPLoss(losses.triplet, torch.randn(6, 4))
+
+# --------------------------------------------------------------------------- cross-batch memory
+
+
+def test_xbm_excludes_the_current_batch_and_enqueues_after():
+    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 4, 10, neg_margin=0.9).double()
+    g = torch.Generator().manual_seed(12)
+    x1, x2 = (torch.randn(4, 4, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    y1, y2 = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 2, 0])
+    first = xbm(x1.requires_grad_(), y1)
+    assert float(first.detach()) == 0.0  # an empty memory: the batch never meets its own copy
+    first.backward()
+    assert torch.equal(x1.grad, torch.zeros_like(x1))
+    assert len(xbm) == 4 and not xbm.is_full and bool(xbm)
+    assert torch.equal(xbm.memory[:4], losses.lipschitz_normalize(x1.detach()))
+    assert not xbm.memory.requires_grad
+
+    n1, n2 = losses.lipschitz_normalize(x1.detach()), losses.lipschitz_normalize(x2)
+    second = xbm(x2.requires_grad_(), y2)
+    close(second, ref_c2(n2, y2, n1, y1, neg_margin=0.9))
+    second.backward()  # the enqueue after the loss must not break backward
+    assert x2.grad.abs().sum() > 0 and len(xbm) == 8
+
+
+def ring_reference(batches, size):
+    """The memory contents (row order ignored) after pushing batches through a FIFO of `size` rows."""
+    rows = [(tuple(r), int(l)) for z, y in batches for r, l in zip(z.tolist(), y.tolist())]
+    return sorted(rows[-size:])
+
+
+def test_xbm_wrap_around_and_state_dict_round_trip():
+    xbm = losses.CrossBatchMemory(losses.multi_similarity, 3, 5)
+    g = torch.Generator().manual_seed(13)
+    batches = []
+    for step, batch in enumerate([3, 3, 4, 7, 2]):
+        x = torch.randn(batch, 3, generator=g)
+        y = torch.randint(0, 3, (batch,), generator=g)
+        xbm.enqueue(x, y)
+        batches.append((losses.lipschitz_normalize(x), y))
+        stored = sorted((tuple(r), int(l)) for r, l in zip(xbm.memory[:len(xbm)].tolist(),
+                                                           xbm.memory_labels[:len(xbm)].tolist()))
+        assert stored == ring_reference(batches, 5)
+        assert len(xbm) == min(5, sum(len(b[1]) for b in batches))
+    assert xbm.is_full and int(xbm.pointer) == (3 + 3 + 4 + 5 + 2) % 5
+
+    x, y = torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 0])
+    restored = losses.CrossBatchMemory(losses.multi_similarity, 3, 5)
+    restored.load_state_dict(xbm.state_dict())
+    assert set(xbm.state_dict()) == {"memory", "memory_labels", "pointer", "count"}
+    memory = [(torch.tensor([r for r, _ in ring_reference(batches, 5)]),
+               torch.tensor([l for _, l in ring_reference(batches, 5)]))]
+    expected = ref_ms(losses.lipschitz_normalize(x).double(), y, memory[0][0].double(), memory[0][1])
+    close(xbm(x, y), expected, tol=1e-5)
+    close(restored(x, y), expected, tol=1e-5)
+    assert torch.equal(xbm.memory, restored.memory) and int(xbm.pointer) == int(restored.pointer)
+
+
+def test_xbm_bad_input():
+    with pytest.raises(ValueError, match="memory_size > 0"):
+        losses.CrossBatchMemory(losses.c1_contrastive, 4, 0)
+    with pytest.raises(ValueError, match="accepts the parameters"):
+        losses.CrossBatchMemory(losses.c1_contrastive, 4, 8, alpha=2.0)
+    xbm = losses.CrossBatchMemory(losses.c1_contrastive, 4, 8)
+    with pytest.raises(ValueError, match=r"enqueue: expected the embeddings and the memory to share dimension"):
+        xbm(torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="1-D integer tensor of length 2"):
+        xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1, 2]))
+    xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"share dimension.*\(3, 5\)"):
+        xbm(torch.randn(3, 5), torch.tensor([0, 1, 1]))
+    assert len(xbm) == 2
+
+# --------------------------------------------------------------------------- baselines
+
+
+def ref_proxy_anchor(x, y, proxies, margin, alpha):
+    X, P, Y = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in proxies.tolist()], y.tolist()
+    pull, with_positive, push = 0.0, 0, 0.0
+    for c, p in enumerate(P):
+        pos = [ref_dot(a, p) for a, label in zip(X, Y) if label == c]
+        neg = [ref_dot(a, p) for a, label in zip(X, Y) if label != c]
+        if pos:
+            with_positive += 1
+            pull += math.log(1 + sum(math.exp(-alpha * (s - margin)) for s in pos))
+        push += math.log(1 + sum(math.exp(alpha * (s + margin)) for s in neg))
+    return pull / with_positive + push / len(P)
+
+
+def ref_proxy_nca(x, y, proxies, temperature):
+    X, P = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in proxies.tolist()]
+    total = 0.0
+    for a, label in zip(X, y.tolist()):
+        logits = [-ref_dist(a, p) ** 2 / temperature for p in P]
+        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+    return total / len(X)
+
+
+def ref_soft_triple(x, y, centers, C, K, la, gamma, tau, margin):
+    X, W = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in centers.tolist()]
+    total = 0.0
+    for a, label in zip(X, y.tolist()):
+        logits = []
+        for c in range(C):
+            s = [ref_dot(a, W[c * K + k]) for k in range(K)]
+            weights = [math.exp(v / gamma) for v in s]
+            S = sum(w * v for w, v in zip(weights, s)) / sum(weights)
+            logits.append(la * (S - (margin if c == label else 0.0)))
+        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+    reg = sum(ref_dist(W[c * K + t], W[c * K + u]) for c in range(C) for t in range(K) for u in range(t + 1, K))
+    return total / len(X) + (tau * reg / (C * K * (K - 1)) if K > 1 else 0.0)
+
+
+def baseline_data(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(7, 5, generator=g, dtype=torch.float64) * 3, torch.tensor([0, 0, 2, 2, 3, 1, 1])
+
+
+@pytest.mark.parametrize("margin, alpha", [(0.1, 32.0), (0.0, 4.0)])
+def test_proxy_anchor_matches_reference(margin, alpha):
+    x, y = baseline_data(14)
+    loss = losses.ProxyAnchor(6, 5, margin=margin, alpha=alpha, generator=torch.Generator().manual_seed(0)).double()
+    assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (6, 5)
+    close(loss(x, y), ref_proxy_anchor(x, y, loss.proxies.detach(), margin, alpha))
+    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
+                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_proxy_nca_plus_plus_matches_reference(temperature):
+    x, y = baseline_data(15)
+    loss = losses.ProxyNCAPlusPlus(4, 5, temperature=temperature).double()
+    assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4, 5)
+    close(loss(x, y), ref_proxy_nca(x, y, loss.proxies.detach(), temperature))
+    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
+                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("K, la, gamma, tau, margin", [(3, 20.0, 0.1, 0.2, 0.01), (1, 17.69, 19.18, 0.0669, 0.3588),
+                                                       (2, 100.0, 47.9, 0.2, 0.3145)])
+def test_soft_triple_matches_reference(K, la, gamma, tau, margin):
+    x, y = baseline_data(16)
+    loss = losses.SoftTriple(4, 5, centers_per_class=K, la=la, gamma=gamma, tau=tau, margin=margin).double()
+    assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4 * K, 5)
+    close(loss(x, y), ref_soft_triple(x, y, loss.proxies.detach(), 4, K, la, gamma, tau, margin))
+    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
+                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("make", [lambda: losses.ProxyAnchor(3, 4), lambda: losses.ProxyNCAPlusPlus(3, 4),
+                                  lambda: losses.SoftTriple(3, 4, centers_per_class=2)])
+def test_baselines_bad_input(make):
+    loss = make()
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\)"):
+        loss(torch.randn(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="share dimension"):
+        loss(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="row"):
+        loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))

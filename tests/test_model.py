@@ -1,0 +1,388 @@
+"""Tests of model.py: BN-Inception's layout against the port's state_dict listing, its blocks against
+a functional reference written here, weight loading, frozen BatchNorm, the embedding head and
+seeded building."""
+import json
+import math
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import model
+
+PORT_JSON = Path("/work/shared/bninception_state_dict.json")
+if not PORT_JSON.is_file():  # the listing also ships beside the project's shared notes
+    PORT_JSON = Path(__file__).resolve().parents[2] / "shared" / "bninception_state_dict.json"
+
+
+@pytest.fixture(scope="module")
+def port_shapes() -> dict:
+    if not PORT_JSON.is_file():
+        pytest.skip(f"the port's state_dict listing is not at {PORT_JSON}")
+    return json.loads(PORT_JSON.read_text())
+
+
+@pytest.fixture(scope="module")
+def bninception() -> model.BNInception:
+    torch.manual_seed(0)
+    return model.BNInception().eval()
+
+
+def port_file(shapes: dict, path: Path, seed: int) -> dict:
+    """A file laid out like bn_inception-52deb4733.pth: random values, BatchNorm vectors stored as (1, C),
+    no num_batches_tracked (saved before PyTorch 0.4.1), the ImageNet classifier included."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("running_var"):
+            value = torch.rand(shape, generator=g) + 0.5
+        elif len(shape) > 1:
+            value = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        else:
+            value = torch.randn(shape, generator=g) * 0.1 + (1.0 if key.endswith("_bn.weight") else 0.0)
+        if "_bn." in key:
+            value = value[None]
+        state[key] = value
+    torch.save(state, path)
+    return state
+
+
+# ------------------------------------------------------------------------------------------- BN-Inception
+
+def test_bninception_state_dict_equals_the_port_without_classifier(port_shapes, bninception):
+    expected = {k: v for k, v in port_shapes.items() if not k.startswith("last_linear.")}
+    got = bninception.state_dict()
+    assert len(port_shapes) == 485 and len(got) == 483
+    assert list(got) == list(expected)
+    assert {k: list(v.shape) for k, v in got.items()} == expected
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    n_parameters = sum(math.prod(s) for k, s in expected.items() if not k.endswith(buffers))
+    assert sum(p.numel() for p in bninception.parameters()) == n_parameters == 10_270_240
+
+
+def test_bninception_batchnorm_settings(bninception):
+    bns = [m for m in bninception.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 69
+    assert all(m.eps == 1e-5 and m.affine and m.track_running_stats for m in bns)
+
+
+@pytest.mark.parametrize("size", [224, 227])
+def test_bninception_features_are_1024x7x7(bninception, size):
+    with torch.no_grad():
+        out = bninception.features(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 1024, 7, 7) and bninception.feature_dim == 1024
+    assert torch.isfinite(out).all()
+
+
+def test_bninception_stem_pools_round_up(bninception):
+    # floor-mode pools would give 55 and 27 here, and the reduction blocks' branches would not concatenate
+    with torch.no_grad():
+        x = F.max_pool2d(bninception.unit("conv1_7x7_s2", torch.randn(1, 3, 224, 224)), 3, stride=2, ceil_mode=True)
+        assert x.shape[-1] == 56
+        x = F.max_pool2d(bninception.unit("conv2_3x3", bninception.unit("conv2_3x3_reduce", x)), 3, stride=2,
+                         ceil_mode=True)
+    assert x.shape[-1] == 28
+
+
+def _reference_unit(net, name, x, stride=1, padding=0):
+    conv, bn = getattr(net, name), getattr(net, name + "_bn")
+    y = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+    mean, var = bn.running_mean[None, :, None, None], bn.running_var[None, :, None, None]
+    y = (y - mean) / torch.sqrt(var + 1e-5) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    return y.clamp_min(0)
+
+
+def _windows(x, fill, pad_lo, pad_hi, stride):
+    # all 3x3 windows of x padded with `fill`: (B, C, H', W', 9)
+    x = F.pad(x, (pad_lo, pad_hi, pad_lo, pad_hi), value=fill)
+    return x.unfold(2, 3, stride).unfold(3, 3, stride).flatten(-2)
+
+
+# the port's pooling branches, written down independently of model.BNInception.BLOCKS
+POOL_OF_BLOCK = {"inception_3a": "avg", "inception_3c": "max_s2", "inception_5b": "max"}
+
+
+def _reference_block(net, n, x):
+    """Caffe's inception block `n`, from the prototxt's description: branches 1x1, 3x3, double 3x3, pool."""
+    pool = POOL_OF_BLOCK[n]
+    reduction = pool == "max_s2"
+    stride = 2 if reduction else 1
+    out = [] if reduction else [_reference_unit(net, f"{n}_1x1", x)]
+    out.append(_reference_unit(net, f"{n}_3x3", _reference_unit(net, f"{n}_3x3_reduce", x), stride, 1))
+    d = _reference_unit(net, f"{n}_double_3x3_1", _reference_unit(net, f"{n}_double_3x3_reduce", x), 1, 1)
+    out.append(_reference_unit(net, f"{n}_double_3x3_2", d, stride, 1))
+    if pool == "avg":  # zero padding counted in the divisor
+        pooled = _windows(x, 0.0, 1, 1, 1).sum(-1) / 9
+    elif pool == "max":
+        pooled = _windows(x, -math.inf, 1, 1, 1).amax(-1)
+    else:  # stride 2 rounding up: the last window hangs over the edge when (H - 3) is odd
+        pooled = _windows(x, -math.inf, 0, 1, 2).amax(-1)
+    out.append(pooled if reduction else _reference_unit(net, f"{n}_pool_proj", pooled))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("block_name", sorted(POOL_OF_BLOCK))
+def test_bninception_blocks_match_functional_reference(block_name):
+    torch.manual_seed(1)
+    net = model.BNInception().double().eval()
+    with torch.no_grad():  # small running variances make eps matter, so a wrong eps fails
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(1e-4, 1e-3)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    b = next(b for b in net.BLOCKS if b.name == block_name)
+    x = torch.randn(1, b.in_channels, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = net.block(b, x), _reference_block(net, block_name, x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_bninception_rejects_non_rgb_input(bninception):
+    with pytest.raises(ValueError, match=r"BNInception.features.*\(B, 3, H, W\).*\(1, 1, 32, 32\)"):
+        bninception.features(torch.zeros(1, 1, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def test_load_pretrained_port_file_round_trips_exactly(port_shapes, tmp_path, bninception):
+    path = tmp_path / "bn_inception-52deb4733.pth"
+    stored = port_file(port_shapes, path, seed=3)
+    net = model.BNInception().eval()
+    x = torch.randn(1, 3, 64, 64)  # small: only the output's dependence on the weights matters here
+    with torch.no_grad():
+        before = net.features(x)
+    model.load_pretrained(net, path)
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(value, stored[key].reshape(value.shape)), key
+        assert stored[key].dim() == value.dim() + ("_bn." in key)
+    other = model.BNInception().eval()
+    model.load_pretrained(other, path)
+    with torch.no_grad():
+        after, again = net.features(x), other.features(x)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, again)
+
+
+def test_load_pretrained_lists_missing_unexpected_and_mismatched_keys(tmp_path):
+    state = model.TinyCNN().state_dict()
+    del state["conv2.bias"]
+    state["head.weight"] = torch.zeros(3)
+    state["conv1.weight"] = torch.zeros(32, 1, 5, 5)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    net = model.TinyCNN()
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        model.load_pretrained(net, path)
+    message = str(err.value)
+    assert "1 missing keys [conv2.bias]" in message
+    assert "1 unexpected keys [head.weight]" in message
+    assert "conv1.weight: file (32, 1, 5, 5) vs model (32, 1, 3, 3)" in message
+    assert str(path) in message
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())  # nothing half-loaded
+
+
+def test_load_pretrained_skips_classifiers_and_rejects_non_state_dicts(tmp_path):
+    source = model.TinyCNN()
+    state = dict(source.state_dict(), **{"last_linear.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)})
+    torch.save(state, tmp_path / "w.pth")
+    net = model.TinyCNN()
+    model.load_pretrained(net, tmp_path / "w.pth")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match="state_dict"):
+        model.load_pretrained(net, tmp_path / "tensor.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        model.load_pretrained(net, tmp_path / "nowhere.pth")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """torch.hub's cache in tmp_path and every download failing as it does offline."""
+    calls = []
+
+    def no_network(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "hub" / "checkpoints", calls
+
+
+@pytest.mark.parametrize("backbone, name, filename, source", [
+    ("bninception", "imagenet", "bn_inception-52deb4733.pth", "pretrained-models project for PyTorch"),
+    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth", "ResNet50_Weights.IMAGENET1K_V1"),
+    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth", "ResNet50_Weights.IMAGENET1K_V2"),
+])
+def test_named_weights_offline_and_absent_say_where_to_put_the_file(offline_hub, backbone, name, filename, source):
+    directory, calls = offline_hub
+    with pytest.raises(FileNotFoundError) as err:
+        model.build_model(backbone, pretrained=name)
+    message = str(err.value)
+    assert filename in message and str(directory) in message and source in message
+    assert len(calls) == 1 and calls[0].endswith(filename)
+
+
+def test_named_weights_found_in_the_hub_cache_are_loaded_without_download(offline_hub):
+    directory, calls = offline_hub
+    directory.mkdir(parents=True)
+    torch.manual_seed(5)
+    reference = torchvision.models.resnet50(weights=None)
+    torch.save(reference.state_dict(), directory / "resnet50-0676ba61.pth")  # includes fc.*: skipped
+    net = model.build_model("resnet50", pretrained="IMAGENET1K_V1")
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    got = net.backbone.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert calls == []
+
+
+def test_unknown_weight_name_is_neither_file_nor_name(offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"no file at imagenet1k.*known: \['DEFAULT', 'IMAGENET1K_V1'"):
+        model.build_model("resnet50", pretrained="imagenet1k")
+
+
+def test_build_model_loads_a_local_file_into_the_backbone(tmp_path):
+    source = model.build_model("tiny_cnn", seed=7)
+    torch.save(source.backbone.state_dict(), tmp_path / "tiny.pth")
+    net = model.build_model("tiny_cnn", seed=8, pretrained=tmp_path / "tiny.pth")
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in net.backbone.state_dict().items())
+    assert not torch.equal(net.embedding.weight, source.embedding.weight)  # the head stays seed-initialised
+
+
+# ------------------------------------------------------------------------------------------- small backbones
+
+def test_resnet50_keys_and_features():
+    net = model.ResNet50().eval()
+    expected = [k for k in torchvision.models.resnet50(weights=None).state_dict() if not k.startswith("fc.")]
+    assert list(net.state_dict()) == expected
+    with torch.no_grad():
+        assert net.features(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 2, 2)
+    assert net.feature_dim == 2048
+
+
+def test_tiny_backbones_feature_maps():
+    cnn, mlp = model.TinyCNN(in_channels=1), model.MLP(in_features=64, hidden=48)
+    assert cnn.features(torch.randn(3, 1, 8, 8)).shape == (3, cnn.feature_dim, 4, 4)
+    assert mlp.features(torch.randn(3, 1, 8, 8)).shape == (3, 48, 1, 1)
+    assert model.TinyCNN(in_channels=3).features(torch.randn(2, 3, 8, 8)).shape == (2, 64, 4, 4)
+    with pytest.raises(ValueError, match=r"TinyCNN.features.*\(B, 1, H, W\).*\(3, 3, 8, 8\)"):
+        cnn.features(torch.randn(3, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"MLP.features.*64 values.*\(3, 1, 7, 7\)"):
+        mlp.features(torch.randn(3, 1, 7, 7))
+
+
+# ------------------------------------------------------------------------------------------- embedding model
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_embedding_model_is_pool_then_bias_free_linear(pooling):
+    net = model.build_model("tiny_cnn", embedding_dim=16, pooling=pooling)
+    x = torch.randn(5, 1, 8, 8)
+    fmap = net.backbone.features(x).detach()
+    pooled = torch.zeros(5, fmap.shape[1])
+    for i in range(5):
+        for c in range(fmap.shape[1]):
+            values = [fmap[i, c, h, w].item() for h in range(4) for w in range(4)]
+            pooled[i, c] = sum(values) / len(values) if pooling == "avg" else max(values)
+    want = pooled @ net.embedding.weight.detach().T
+    torch.testing.assert_close(net(x).detach(), want, rtol=1e-5, atol=1e-6)
+    assert net.embedding.bias is None and net(x).shape == (5, 16)
+
+
+def test_embedding_is_glorot_uniform():
+    net = model.build_model("bninception", embedding_dim=128, seed=2)
+    w = net.embedding.weight.detach()
+    bound = math.sqrt(6 / (1024 + 128))
+    assert w.shape == (128, 1024)
+    assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+    assert abs(w.var().item() / (bound ** 2 / 3) - 1) < 0.05  # U(-a, a) has variance a²/3
+    assert abs(w.mean().item()) < 0.05 * bound
+
+
+def _bn_stats(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_frozen_batchnorm_never_changes():
+    net = model.build_model("tiny_cnn", freeze_bn=True).train()
+    bn_names = model.batchnorm_parameter_names(net)
+    assert bn_names == {"backbone.bn1.weight", "backbone.bn1.bias", "backbone.bn2.weight", "backbone.bn2.bias"}
+    for name, p in net.named_parameters():
+        assert p.requires_grad == (name not in bn_names), name
+    assert net.training and all(not m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = _bn_stats(net)
+    x = torch.randn(6, 1, 8, 8) * 3 + 1
+    out = net(x)
+    out.square().sum().backward()
+    after = _bn_stats(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(net.get_parameter(n).grad is None for n in bn_names)
+    torch.testing.assert_close(out, net.eval()(x))  # train mode normalises with the running statistics
+
+
+def test_unfrozen_batchnorm_updates_its_statistics():
+    net = model.build_model("tiny_cnn", freeze_bn=False).train()
+    assert all(p.requires_grad for p in net.parameters())
+    assert all(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = _bn_stats(net)
+    net(torch.randn(6, 1, 8, 8) * 3 + 1)
+    after = _bn_stats(net)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_frozen_bninception_modules_stay_in_eval_mode():
+    net = model.build_model("bninception").train()
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 69 and not any(m.training for m in bns)
+    names = model.batchnorm_parameter_names(net)
+    assert len(names) == 138 and all(n.endswith(("_bn.weight", "_bn.bias")) for n in names)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert "embedding.weight" in trainable and not trainable & names
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("tiny_cnn", {"width": 2}), ("mlp", {"in_features": 16, "hidden": 8})])
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_embedding_model_gradients(backbone, kwargs, pooling):
+    net = model.build_model(backbone, embedding_dim=4, pooling=pooling, backbone_kwargs=kwargs).double()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(net, (x,))
+
+
+# ------------------------------------------------------------------------------------------- building
+
+@pytest.mark.parametrize("backbone", ["tiny_cnn", "mlp", "bninception"])
+def test_build_model_is_a_pure_function_of_the_seed(backbone):
+    a = model.build_model(backbone, seed=11).state_dict()
+    torch.rand(100)  # the caller's RNG use in between must not matter
+    b = model.build_model(backbone, seed=11).state_dict()
+    c = model.build_model(backbone, seed=12).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embedding.weight"], c["embedding.weight"])
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("backbone."))
+    state = torch.get_rng_state()
+    model.build_model(backbone, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global CPU RNG is left where it was
+
+
+def test_build_model_errors():
+    with pytest.raises(ValueError, match=r"unknown backbone 'bninceptoin'.*did you mean 'bninception'"):
+        model.build_model("bninceptoin")
+    with pytest.raises(ValueError, match=r"pooling must be one of \('avg', 'max'\), got 'mean'"):
+        model.build_model("mlp", pooling="mean")
+    with pytest.raises(ValueError, match=r"embedding_dim must be a positive int, got 0"):
+        model.build_model("mlp", embedding_dim=0)
+    with pytest.raises(ValueError, match=r"tiny_cnn takes backbone_kwargs \['in_channels', 'width'\].*\['channels'\]"):
+        model.build_model("tiny_cnn", backbone_kwargs={"channels": 3})
+    rgb = model.build_model("tiny_cnn", backbone_kwargs={"in_channels": 3}, embedding_dim=8)
+    assert rgb(torch.randn(2, 3, 8, 8)).shape == (2, 8)

@@ -1,0 +1,281 @@
+"""selection.py against brute-force references written here with loops and numpy (PAPER.md §5)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from selection import (
+    candidate_pool,
+    covering_radius,
+    greedy_k_center,
+    mean_interclass_distance,
+    select_proxies,
+)
+
+
+def reference_greedy(pool, k, initial="zero"):
+    """Textbook greedy farthest-point on squared distances.
+
+    initial: "zero" (the zero vector), None (no initial set) or an (m, d) array.
+    """
+    pool = np.asarray(pool, dtype=np.float64)
+    b, d = pool.shape
+    if isinstance(initial, str):
+        initial = np.zeros((1, d))
+    elif initial is None:
+        initial = np.zeros((0, d))
+    dist = [min([float(((x - p) ** 2).sum()) for p in initial], default=float("inf")) for x in pool]
+    chosen = []
+    for _ in range(k):
+        best, best_dist = -1, -float("inf")
+        for i in range(b):
+            if i not in chosen and dist[i] > best_dist:  # strict: ties keep the lowest index
+                best, best_dist = i, dist[i]
+        chosen.append(best)
+        dist = [min(dist[i], float(((pool[i] - pool[best]) ** 2).sum())) for i in range(b)]
+    return chosen
+
+
+def radius_of(pool, centers):
+    """max over pool points of the Euclidean distance to the nearest center (loops)."""
+    return max(min(float(np.linalg.norm(x - c)) for c in centers) for x in pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy_k_center
+
+
+@pytest.mark.parametrize("start", ["zero", "empty", "proxies"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_matches_bruteforce(start, k):
+    g = torch.Generator().manual_seed(k)
+    C, b, d, m = 5, 6, 4, 3
+    pools = torch.randn(C, b, d, generator=g, dtype=torch.float64)
+    proxies = torch.randn(C, m, d, generator=g, dtype=torch.float64)
+    initial = {"zero": None, "empty": proxies[:, :0], "proxies": proxies}[start]
+    got = greedy_k_center(pools, k, initial)
+    assert got.shape == (C, k) and got.dtype == torch.int64
+    for c in range(C):
+        ref_init = {"zero": "zero", "empty": None, "proxies": proxies[c].numpy()}[start]
+        assert got[c].tolist() == reference_greedy(pools[c].numpy(), k, ref_init)
+
+
+def test_single_pool_matches_batched_row():
+    g = torch.Generator().manual_seed(1)
+    pools = torch.randn(3, 8, 5, generator=g)
+    proxies = torch.randn(3, 2, 5, generator=g)
+    batched = greedy_k_center(pools, 4, proxies)
+    for c in range(3):
+        single = greedy_k_center(pools[c], 4, proxies[c])
+        assert single.shape == (4,)
+        assert torch.equal(single, batched[c])
+
+
+def test_zero_start_picks_largest_norm_first():
+    g = torch.Generator().manual_seed(2)
+    pools = torch.randn(50, 7, 16, generator=g) * torch.rand(50, 7, 1, generator=g)
+    first = greedy_k_center(pools, 1)[:, 0]
+    assert torch.equal(first, pools.norm(dim=2).argmax(dim=1))
+
+
+def test_torch_argmax_returns_first_maximum():
+    # the tie rule of greedy_k_center rests on this documented behaviour; check it on long rows too
+    for n in (5, 64, 1000, 4099):
+        row = torch.zeros(3, n)
+        row[:, [n // 3, n // 2, n - 1]] = 1.0
+        assert row.argmax(dim=1).tolist() == [n // 3] * 3
+
+
+def test_ties_go_to_lowest_index():
+    pool = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 1.0]])
+    # zero start: |p1|^2 = |p2|^2 = 4 tie -> 1; then p2 (4) > p3 (1) > p0 (0)
+    assert greedy_k_center(pool, 4).tolist() == [1, 2, 3, 0]
+    assert reference_greedy(pool.numpy(), 4) == [1, 2, 3, 0]
+    diamond = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    assert greedy_k_center(diamond, 4).tolist() == [0, 1, 2, 3]  # all at distance 1 from zero
+
+
+def test_coincident_candidates_are_never_picked_twice():
+    pools = torch.ones(2, 5, 3)
+    assert greedy_k_center(pools, 5, pools[:, :0]).tolist() == [list(range(5))] * 2
+    assert greedy_k_center(pools, 5).tolist() == [list(range(5))] * 2
+
+
+def test_two_approximation_against_exact_optimum():
+    # Claim checked (Gonzalez's bound): with S the k picks and I the initial set (empty, the zero
+    # vector, or random points), the pool's covering radius by S ∪ I is at most 2·OPT_k, where
+    # OPT_k = min over k-subsets T of the pool of the pool's covering radius by T (Euclidean).
+    g = torch.Generator().manual_seed(3)
+    C, b, d = 120, 7, 2
+    pools = torch.randn(C, b, d, generator=g, dtype=torch.float64)
+    random_init = 0.5 * torch.randn(C, 2, d, generator=g, dtype=torch.float64)
+    ratios_empty = []
+    for k in (1, 2, 3):
+        picks = {
+            "empty": greedy_k_center(pools, k, pools[:, :0]),
+            "zero": greedy_k_center(pools, k),
+            "random": greedy_k_center(pools, k, random_init),
+        }
+        for c in range(C):
+            pool = pools[c].numpy()
+            opt = min(radius_of(pool, pool[list(t)]) for t in itertools.combinations(range(b), k))
+            extra = {"empty": np.zeros((0, d)), "zero": np.zeros((1, d))}
+            extra["random"] = random_init[c].numpy()
+            for start, chosen in picks.items():
+                centers = np.concatenate([pool[chosen[c].numpy()], extra[start]])
+                assert radius_of(pool, centers) <= 2 * opt + 1e-12, (start, k, c)
+            ratios_empty.append(radius_of(pool, pool[picks["empty"][c].numpy()]) / opt)
+    # the bound is not vacuous here: greedy is sometimes strictly worse than the optimum
+    assert max(ratios_empty) > 1.05
+
+
+def test_greedy_rejects_bad_input():
+    pools = torch.randn(3, 4, 2)
+    with pytest.raises(ValueError, match="k = 5"):
+        greedy_k_center(pools, 5)
+    with pytest.raises(ValueError, match="k = 0"):
+        greedy_k_center(pools, 0)
+    with pytest.raises(ValueError, match=r"\(C=3, m, d=2\)"):
+        greedy_k_center(pools, 2, torch.randn(2, 1, 2))
+    with pytest.raises(ValueError, match=r"\(C=3, m, d=2\)"):
+        greedy_k_center(pools, 2, torch.randn(3, 1, 5))
+    with pytest.raises(ValueError, match="dtype"):
+        greedy_k_center(pools, 2, torch.randn(3, 1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(C, b, d\) or \(b, d\)"):
+        greedy_k_center(torch.randn(4), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# covering_radius and mean_interclass_distance
+
+
+def labelled_centers(g, d):
+    """Classes 2, 5, 7, 9 with 1, 3, 2, 4 centers, plus class 11 (no points), in shuffled order."""
+    labels = torch.tensor([2] + [5] * 3 + [7] * 2 + [9] * 4 + [11] * 2)
+    order = torch.randperm(labels.numel(), generator=g)
+    return torch.randn(labels.numel(), d, generator=g, dtype=torch.float64)[order], labels[order]
+
+
+@pytest.mark.parametrize("max_chunk_elements", [1, 50, 2**24])
+def test_covering_radius_matches_bruteforce(max_chunk_elements):
+    g = torch.Generator().manual_seed(4)
+    d = 3
+    centers, center_labels = labelled_centers(g, d)
+    labels = torch.tensor([2, 5, 7, 9])[torch.randint(4, (40,), generator=g)]
+    labels[:4] = torch.tensor([9, 2, 7, 5])  # every class present
+    points = torch.randn(40, d, generator=g, dtype=torch.float64)
+    radius, mean = covering_radius(
+        points, labels, centers, center_labels, max_chunk_elements=max_chunk_elements
+    )
+    expected = []
+    for c in sorted(set(labels.tolist())):  # ascending label order
+        own = [centers[j].numpy() for j in range(len(center_labels)) if center_labels[j] == c]
+        xs = [points[i].numpy() for i in range(len(labels)) if labels[i] == c]
+        expected.append(radius_of(xs, own))
+    np.testing.assert_allclose(radius.numpy(), expected, rtol=1e-12)
+    assert mean == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+
+def test_covering_radius_class_without_center_is_an_error():
+    centers = torch.randn(4, 2)
+    center_labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"no center, e\.g\. classes \[3\]"):
+        covering_radius(torch.randn(3, 2), torch.tensor([0, 3, 1]), centers, center_labels)
+    with pytest.raises(ValueError, match=r"centers must be \(M, d=2\)"):
+        covering_radius(
+            torch.randn(3, 2), torch.tensor([0, 0, 1]), torch.randn(4, 3), center_labels
+        )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 1024])
+def test_mean_interclass_distance_matches_bruteforce(chunk_size):
+    g = torch.Generator().manual_seed(5)
+    centers, center_labels = labelled_centers(g, 4)
+    means = {}
+    for c in sorted(set(center_labels.tolist())):
+        rows = [centers[j].numpy() for j in range(len(center_labels)) if center_labels[j] == c]
+        means[c] = np.mean(rows, axis=0)
+    pairs = list(itertools.combinations(means.values(), 2))
+    expected = sum(float(np.linalg.norm(a - b)) for a, b in pairs) / len(pairs)
+    got = mean_interclass_distance(centers, center_labels, chunk_size=chunk_size)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_mean_interclass_distance_needs_two_classes():
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        mean_interclass_distance(torch.randn(3, 2), torch.zeros(3, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate_pool and select_proxies
+
+CLASSES = [list(range(10, 20)), np.array([20, 21]), range(30, 37)]  # 10, 2 and 7 images
+
+
+class RecordingEmbedder:
+    """Embeds dataset index i as (i, -2i), so every pool entry names the image it came from."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, indices):
+        assert isinstance(indices, list) and all(type(i) is int for i in indices)
+        self.batches.append(indices)
+        i = torch.tensor(indices, dtype=torch.float64)
+        return torch.stack([i, -2 * i], dim=1)
+
+
+def test_candidate_pool_draws_per_class_and_counts_small_classes():
+    embed = RecordingEmbedder()
+    g = torch.Generator().manual_seed(0)
+    pools, replaced = candidate_pool(embed, CLASSES, 5, g, batch_size=4)
+    assert pools.shape == (3, 5, 2) and replaced == 1
+    assert torch.equal(pools[..., 1], -2 * pools[..., 0])
+    drawn = pools[..., 0].long().tolist()
+    for c in (0, 2):  # big enough: pool_size distinct images of the class
+        assert len(set(drawn[c])) == 5 and set(drawn[c]) <= set(CLASSES[c])
+    assert set(drawn[1]) == {20, 21}  # too small: every image, the rest repeated
+    assert all(len(batch) <= 4 for batch in embed.batches)
+    assert sum(embed.batches, []) == sum(drawn, [])  # class-major, one embedding per pool slot
+
+
+def test_candidate_pool_is_deterministic_given_the_generator():
+    def draw(seed, batch_size):
+        g = torch.Generator().manual_seed(seed)
+        return candidate_pool(RecordingEmbedder(), CLASSES, 5, g, batch_size)[0]
+
+    assert torch.equal(draw(7, 4), draw(7, 4))
+    assert torch.equal(draw(7, 4), draw(7, 256))  # batching does not change the draw
+    assert any(not torch.equal(draw(7, 4), draw(seed, 4)) for seed in (8, 9, 10))
+
+
+def test_candidate_pool_rejects_bad_input():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="class 1 has no images"):
+        candidate_pool(RecordingEmbedder(), [[1, 2], []], 2, g)
+    with pytest.raises(ValueError, match=r"\(3, d\) tensor for 3 indices, got \(3,\)"):
+        candidate_pool(lambda idx: torch.zeros(len(idx)), [[1, 2, 3]], 3, g)
+
+
+def test_select_proxies_is_class_major_greedy_on_each_pool():
+    g = torch.Generator().manual_seed(6)
+    C, b, d, K = 4, 7, 3, 3
+    pool = torch.randn(C, b, d, generator=g, dtype=torch.float64)
+    converged = torch.randn(C * 2, d, generator=g, dtype=torch.float64)  # K' = 2, class-major
+    for current in (None, converged):
+        proxies = select_proxies(pool, current, K)
+        assert proxies.shape == (C * K, d)
+        for c in range(C):
+            start = "zero" if current is None else current[2 * c : 2 * c + 2].numpy()
+            picks = reference_greedy(pool[c].numpy(), K, start)
+            for k in range(K):
+                assert torch.equal(proxies[c * K + k], pool[c, picks[k]])
+
+
+def test_select_proxies_rejects_mismatched_proxies():
+    pool = torch.randn(3, 5, 2)
+    with pytest.raises(ValueError, match=r"\(3·K', 2\)"):
+        select_proxies(pool, torch.randn(7, 2), 2)
+    with pytest.raises(ValueError, match=r"\(3·K', 2\)"):
+        select_proxies(pool, torch.randn(6, 4), 2)

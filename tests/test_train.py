@@ -1,0 +1,325 @@
+"""train.py end to end on CPU: config validation, the algorithm of PAPER.md §2 on the digits demo,
+exact reproducibility and resumption, checkpoints, evaluation of a saved checkpoint, the fold
+protocol, and a fake CUB-200-2011 layout trained for a few steps."""
+import functools
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import losses
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits_ccp.yaml"
+# Converges instances on a schedule: with min_delta 1 no evaluation after an instance's first counts
+# as an improvement, so every instance lasts exactly 1 + instance_patience evaluations.
+FAST = ["train.eval_every=5", "projection.min_delta=1.0", "projection.instance_patience=1",
+        "train.patience=1000", "train.log_every_seconds=1000"]
+
+
+def run_digits(tmp_path: Path, name: str, *overrides: str, config: Path = DIGITS) -> dict:
+    cfg = train.load_config(config, [f"run_dir={tmp_path / name}", *FAST, *overrides])
+    return train.run(cfg)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------- config
+
+def test_paper_defaults_for_sop_ms():
+    """configs/sop_ms.yaml resolves to the protocol of PAPER.md §2, §4 and §7."""
+    cfg = train.load_config(ROOT / "configs" / "sop_ms.yaml")
+    assert (cfg["method"], cfg["dataset"]["name"], cfg["loss"]["name"]) == ("ccp", "sop", "ms")
+    assert cfg["loss"]["params"] == {"alpha": 2.0, "beta": 40.0, "base": 0.5}
+    assert (cfg["ccp"]["proxies_per_class"], cfg["ccp"]["pool_size"]) == (4, 7)
+    assert (cfg["ccp"]["pair_weight"], cfg["ccp"]["proxy_weight"]) == (0.1, 1.0)
+    assert cfg["projection"] == {"lam": 2e-4, "decay": 1.0, "instance_patience": 3, "min_evaluations": 1,
+                                 "min_delta": 1e-5}
+    t = cfg["train"]
+    assert (t["lr"], t["betas"], t["eps"], t["weight_decay"], t["clip_norm"], t["clip_value"]) == (
+        1e-5, [0.9, 0.999], 1e-7, 1e-4, 10.0, 10.0)
+    assert (t["eval_every"], t["patience"]) == (250, 60)
+    assert (cfg["data"]["classes_per_batch"], cfg["data"]["samples_per_class"]) == (8, 4)
+    assert (cfg["model"]["backbone"], cfg["model"]["embedding_dim"], cfg["model"]["freeze_bn"]) == (
+        "bninception", 128, True)
+    assert cfg["folds"] == 4 and cfg["evaluation"]["recall_ks"] == [1, 10, 100, 1000]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = train.load_config(path)
+    assert cfg["dataset"]["name"] in path.name or path.name.startswith("base")
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(train.ConfigError, match=r"train\.max_stpes.*did you mean train\.max_steps"):
+        train.load_config(DIGITS, ["train.max_stpes=10"])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"base: {DIGITS}\nprojection:\n  lamda: 0.1\n")
+    with pytest.raises(train.ConfigError, match=r"typo\.yaml.*projection\.lamda.*did you mean projection\.lam"):
+        train.load_config(path)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(train.ConfigError, match=r"train\.max_steps: expected int, got 'many'"):
+        train.load_config(DIGITS, ["train.max_steps=many"])
+    with pytest.raises(train.ConfigError, match=r"train\.lr: expected float"):
+        train.load_config(DIGITS, ["train.lr=[1]"])
+
+
+def test_choice_and_loss_parameter_checks():
+    with pytest.raises(train.ConfigError, match="method: 'ccpp' is not one of"):
+        train.load_config(DIGITS, ["method=ccpp"])
+    with pytest.raises(train.ConfigError, match=r"loss\.params\.alpah.*did you mean loss\.params\.alpha"):
+        train.load_config(DIGITS, ["loss.params={alpah: 2}"])
+
+
+def test_base_files_merge_and_cycles_are_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  lr: 0.5\n")
+    (tmp_path / "b.yaml").write_text(f"base: {DIGITS}\ntrain:\n  max_steps: 7\n")
+    cfg = train.load_config(tmp_path / "a.yaml", ["train.eval_every=3"])
+    assert (cfg["train"]["lr"], cfg["train"]["max_steps"], cfg["train"]["eval_every"]) == (0.5, 7, 3)
+    assert cfg["model"]["backbone"] == "tiny_cnn"  # from digits_ccp.yaml, two bases down
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(train.ConfigError, match="cycle"):
+        train.load_config(tmp_path / "c.yaml")
+
+
+def test_main_reports_config_errors_without_traceback(capsys):
+    assert train.main([str(DIGITS), "train.max_stpes=10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean train.max_steps" in err and "Traceback" not in err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    config = ROOT / "configs" / "cub_ms.yaml"
+    code = train.main([str(config), f"dataset.root={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}",
+                       "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "nowhere" in err and "data.py download cub" in err
+
+
+# ------------------------------------------------------------------------------ the algorithm
+
+def test_update_order_matches_the_authors(tmp_path):
+    """One train_step equals the hand-written sequence of PAPER.md §2: loss gradient, + lam (theta -
+    theta_anchor), + coupled decay, global-norm clip, value clip, then Adam."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x, y = torch.randn(4, 3) * 50, torch.tensor([0, 0, 1, 1])
+    tc = {"weight_decay": 0.1, "clip_norm": 0.5, "clip_value": 0.2}
+    anchor_values = [p.detach() + 1.0 for p in net.parameters()]
+    loss_fn = lambda e, lab: (e ** 2).sum() * (1 + lab.float()).mean()  # noqa: E731
+
+    def manual(params):
+        loss = loss_fn(torch.nn.functional.linear(x, params[0], params[1]), y)
+        grads = torch.autograd.grad(loss, params)
+        grads = [g + 0.3 * (p - a) + 0.1 * p for g, p, a in zip(grads, params, anchor_values)]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        grads = [g * min(1.0, 0.5 / (norm.item() + 1e-6)) for g in grads]
+        return [g.clamp(-0.2, 0.2) for g in grads]
+
+    expected_grads = manual([p.detach().clone().requires_grad_() for p in net.parameters()])
+    reference = [p.detach().clone() for p in net.parameters()]
+    ref_opt = torch.optim.Adam([torch.nn.Parameter(p) for p in reference], lr=0.01, eps=1e-7)
+    for p, g in zip(ref_opt.param_groups[0]["params"], expected_grads):
+        p.grad = g
+    ref_opt.step()
+
+    import projection
+    anchor = projection.ProximalAnchor(list(net.parameters()))
+    anchor.anchor(anchor_values)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, eps=1e-7)
+    train.train_step(net, loss_fn, opt, x, y, list(net.parameters()), tc, anchor, lam=0.3)
+    for p, q in zip(net.parameters(), ref_opt.param_groups[0]["params"]):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_digits_run_converges_instances_and_reselects_proxies(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=40")
+    log = read_log(tmp_path / "run" / "metrics.jsonl")
+    evaluations = [r for r in log if "val" in r]
+    assert [r["step"] for r in evaluations] == [5, 10, 15, 20, 25, 30, 35, 40]
+    # Instance t lasts 2 evaluations (first improves, second has no improvement > min_delta = 1).
+    assert [r["instance"] for r in evaluations] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r["lam"] for r in evaluations] == [0.0, 0.0] + [2e-4] * 6  # lambda_0 = 0, then lam (decay 1)
+    selections = [r for r in log if "selection" in r]
+    assert [r["step"] for r in selections] == [0, 10, 20, 30, 40]  # initial k-center, then at each convergence
+    for r in selections:
+        s = r["selection"]
+        assert s["pool_size"] == 16 and s["classes_resampled"] == 0
+        assert math.isfinite(s["covering_radius_after"]) and s["covering_radius_after"] >= 0
+    for r in evaluations:
+        assert 0.0 <= r["val"]["MAP@R"] <= 1.0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"P@1", "P@R", "MAP@R", "R@1", "R@8", "NMI"} <= results["mean"].keys()
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["step"] in [r["step"] for r in evaluations]
+    assert best["config"]["method"] == "ccp" and "git_commit" in best
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 40
+
+
+def test_lambda_decay_schedule(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=30", "projection.decay=0.5", "projection.lam=0.01")
+    lams = [r["lam"] for r in read_log(tmp_path / "run" / "metrics.jsonl") if "val" in r]
+    assert lams == [0.0, 0.0, 0.005, 0.005, 0.0025, 0.0025]  # lam * decay^t for instance t >= 1
+
+
+def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=10")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    # The instance converged at step 10; its best evaluation was step 5, saved as best.pt.
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["step"] == 5
+    names = [n for n, p in train.models.build_model("tiny_cnn", 32, None, "avg", False).named_parameters()
+             if p.requires_grad]
+    assert len(names) == len(last["anchor"]["anchors"])
+    for name, anchored in zip(names, last["anchor"]["anchors"]):
+        assert torch.equal(anchored, best["model"][name])
+        assert not torch.equal(anchored, last["model"][name])  # the network itself continued training
+
+
+def test_two_runs_are_identical(tmp_path):
+    run_digits(tmp_path, "a", "train.max_steps=20")
+    run_digits(tmp_path, "b", "train.max_steps=20")
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in "ab")
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["objective"], b["objective"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_log(tmp_path / "a" / "metrics.jsonl")) == strip(read_log(tmp_path / "b" / "metrics.jsonl"))
+    ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in "ab")
+    assert ra["mean"] == rb["mean"]
+
+
+@pytest.mark.parametrize("interrupt", [20, 13])  # at a validation, and between two
+def test_resume_continues_bit_for_bit(tmp_path, interrupt):
+    run_digits(tmp_path, "straight", "train.max_steps=40")
+    run_digits(tmp_path, "resumed", f"train.max_steps={interrupt}")
+    run_digits(tmp_path, "resumed", "train.max_steps=40", "resume=auto")
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 40
+    assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["objective"], b["objective"])
+    assert a["controller"] == b["controller"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_log(tmp_path / "straight" / "metrics.jsonl")) == strip(
+        read_log(tmp_path / "resumed" / "metrics.jsonl"))
+
+
+def test_baselines_train(tmp_path):
+    for method, extra in [("baseline", []), ("proxy_anchor", ["baseline.warmup_steps=5"]),
+                          ("proxynca++", []), ("softtriple", ["baseline.params={centers_per_class: 2}"]),
+                          ("xbm", ["baseline.xbm_start_step=5", "baseline.xbm_memory_batches=2",
+                                   "loss.name=c1", "loss.params={margin: 0.5}"])]:
+        run_digits(tmp_path, method, "train.max_steps=15", f"method={method}", *extra)
+        log = read_log(tmp_path / method / "metrics.jsonl")
+        assert [r["step"] for r in log] == [5, 10, 15] and all(r["lam"] == 0.0 for r in log)
+        assert all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_warmup_trains_only_the_embedding_layer(tmp_path):
+    run_digits(tmp_path, "warm", "train.max_steps=5", "method=proxy_anchor", "baseline.warmup_steps=5")
+    cfg = train.load_config(DIGITS)
+    initial = train.models.build_model("tiny_cnn", 32, None, "avg", False, seed=cfg["seed"])
+    trained = torch.load(tmp_path / "warm" / "last.pt", weights_only=False)["model"]
+    changed = {k for k, p in initial.named_parameters() if not torch.equal(p, trained[k])}
+    assert changed and all(k.startswith("embedding") for k in changed), changed
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+
+    @functools.wraps(losses.c1_contrastive)
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        value = losses.c1_contrastive(*args, **kwargs)
+        return value * float("nan") if calls["n"] > 14 else value
+
+    monkeypatch.setitem(losses.LOSSES, "c1", exploding)
+    code = train.main([str(DIGITS), f"run_dir={tmp_path / 'run'}", *FAST, "train.max_steps=40",
+                       "method=baseline", "loss.name=c1", "loss.params={margin: 0.5}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "at step 15" in err and "nan" in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 10
+
+
+def test_eval_only_reproduces_the_final_test_metrics(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=20")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    cfg = train.load_config(DIGITS, [f"run_dir={tmp_path / 'eval'}", "eval_only=true",
+                                     f"resume={tmp_path / 'run' / 'best.pt'}"])
+    metrics = train.evaluate_checkpoint(cfg)
+    assert metrics == pytest.approx(results["mean"], abs=1e-9)
+
+
+def test_all_folds_mean_and_ensemble(tmp_path):
+    results = run_digits(tmp_path, "folds", "train.max_steps=10", "fold=null")
+    assert [(m["seed"], m["fold"]) for m in results["models"]] == [(0, 0), (0, 1), (0, 2)]
+    for key in ("MAP@R", "P@1"):
+        assert results["mean"][key] == pytest.approx(np.mean([m["test"][key] for m in results["models"]]))
+    assert {"MAP@R", "P@1", "R@1"} <= results["ensemble_mean"].keys()
+    for fold in range(3):
+        assert (tmp_path / "folds" / f"fold{fold}" / "best.pt").exists()
+
+
+def test_repeats_report_mean_and_sd(tmp_path):
+    results = run_digits(tmp_path, "rep", "train.max_steps=10", "repeats=2")
+    per_seed = [s["mean"]["MAP@R"] for s in results["per_seed"]]
+    assert [s["seed"] for s in results["per_seed"]] == [0, 1]
+    assert results["mean"]["MAP@R"] == pytest.approx(np.mean(per_seed))
+    assert results["sd"]["MAP@R"] == pytest.approx(np.std(per_seed, ddof=1))
+
+
+# --------------------------------------------------------------------------- a fake CUB layout
+
+def make_fake_cub(root: Path, classes_per_side: int = 4, images_per_class: int = 6) -> None:
+    base = root / "CUB_200_2011"
+    rng = np.random.default_rng(0)
+    images, labels, names = [], [], []
+    class_ids = list(range(1, classes_per_side + 1)) + list(range(101, 101 + classes_per_side))
+    for cid in class_ids:
+        folder = f"{cid:03d}.Bird_{cid}"
+        names.append(f"{cid} {folder}")
+        (base / "images" / folder).mkdir(parents=True)
+        for k in range(images_per_class):
+            pixels = (rng.random((40, 48, 3)) * 60 + cid % 7 * 25).astype(np.uint8)
+            Image.fromarray(pixels).save(base / "images" / folder / f"img_{k}.jpg")
+            images.append(f"{folder}/img_{k}.jpg")
+            labels.append(cid)
+    (base / "images.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(images)))
+    (base / "image_class_labels.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(labels)))
+    (base / "classes.txt").write_text("\n".join(names) + "\n")
+
+
+def test_fake_cub_trains_with_the_tiny_cnn(tmp_path):
+    make_fake_cub(tmp_path / "cub")
+    overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu",
+                 "folds=2", "fold=1", "model.backbone=tiny_cnn", "model.pretrained=null",
+                 "model.embedding_dim=16", "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}", "data.transform=resnet",
+                 "data.crop_size=32", "data.resize=36", "data.classes_per_batch=2", "data.samples_per_class=3",
+                 "data.num_workers=0", "ccp.proxies_per_class=2", "ccp.pool_size=3", "train.max_steps=6",
+                 "train.eval_every=3", "train.lr=0.001"]
+    cfg = train.load_config(ROOT / "configs" / "cub_ms.yaml", overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fake has far fewer images than CUB: data.py warns
+        results = train.run(cfg)
+    log = read_log(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in log if "val" in r] == [3, 6]
+    assert results["mean"].keys() >= {"R@1", "R@2", "R@4", "R@8", "MAP@R"}
+    assert 0.0 <= results["mean"]["MAP@R"] <= 1.0
