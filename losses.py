@@ -27,13 +27,32 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------- normalisation (§3)
 
 
+class _LipschitzNormalize(torch.autograd.Function):
+    """n(x) with a hand-written backward: autograd's chain through norm, where and the product makes
+    about seven passes over the 45k-row SOP proxy table, this one three (a row dot, a product, an addcmul)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norm = x.norm(dim=-1, keepdim=True)
+        # the mask is ‖x‖ > 1, as in the authors' code: on the sphere itself the gradient is the identity
+        outside = norm > 1
+        scale = 1 / torch.where(outside, norm, 1.0)
+        ctx.save_for_backward(x, scale, outside)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, scale, outside = ctx.saved_tensors
+        # outside the ball n(x) = x/‖x‖ has the Jacobian (I − x̂x̂ᵀ)/‖x‖, so the gradient is
+        # g/‖x‖ − x·⟨x, g⟩/‖x‖³; inside it is g (scale 1, no second term)
+        dot = torch.einsum("...i,...i->...", x, grad).unsqueeze(-1)
+        coefficient = torch.where(outside, dot * scale ** 3, 0.0)
+        return (grad * scale).addcmul_(x, coefficient, value=-1)
+
+
 def lipschitz_normalize(x: Tensor) -> Tensor:
     """n(x) = x / max(1, ‖x‖) per row (PAPER.md §3): rows outside the unit ball go onto the sphere."""
-    norm = x.norm(dim=-1, keepdim=True)
-    # the mask is ‖x‖ > 1, as in the authors' code: on the sphere itself the gradient is the identity
-    scale = 1 / torch.where(norm > 1, norm, 1.0)
-    # multiplying by a per-row reciprocal keeps backward cheap on the 45k-row SOP proxy table
-    return x * scale
+    return _LipschitzNormalize.apply(x)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -113,9 +132,10 @@ def _check_loss_params(loss_fn: Callable, params: dict, where: str) -> None:
                          f"{accepted}, got {sorted(params)}") from None
 
 
-def _pair_masks(x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor],
-                where: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Check the inputs; return the reference set and the positive and negative masks (n, m) of pairs."""
+def _pairs(x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor],
+           where: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check the inputs; return the reference set, the mask `same` (n, m) of pairs with equal labels
+    (the negative pairs are the others) and each anchor's positive pairs as slots (index, valid)."""
     _check_embeddings(x, y, where)
     if (ref is None) != (ref_y is None):
         raise ValueError(f"{where}: ref and ref_y come together, got ref {_describe(ref)} "
@@ -124,11 +144,11 @@ def _pair_masks(x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Ten
         same = y[:, None] == y[None, :]
         # pair form: the batch is its own reference set, without each anchor's pair with itself
         not_self = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-        return x, same & not_self, ~same
+        return x, same, *_positive_slots(same & not_self)
     _check_embeddings(ref, ref_y, where, name="references")
     _check_same_space(x, ref, where, "references")
     same = y[:, None] == ref_y[None, :]
-    return ref, same, ~same
+    return ref, same, *_positive_slots(same)
 
 # --------------------------------------------------------------------------- distances
 
@@ -155,25 +175,30 @@ def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
 
 def _mean_nonzero(terms: Tensor) -> Tensor:
     # Σ terms / #(terms > 0), and 0 when no term is positive; summed in at least float32 for fp16
-    count = (terms > 0).sum()
+    # counted in int32: several times faster than the default int64 sum of a bool (n, P, m) tensor,
+    # and 2³¹ terms would take 8 GiB
+    count = (terms > 0).sum(dtype=torch.int32)
     total = terms.sum(dtype=torch.promote_types(terms.dtype, torch.float32))
     return (total / count.clamp_min(1)).to(terms.dtype)
 
 
-def _log1p_sum_exp(logits: Tensor, mask: Tensor) -> Tensor:
-    # log(1 + Σ_{mask} exp(logits)) per row, as a log-sum-exp with an appended 0: no overflow for large α, β
-    masked = logits.masked_fill(~mask, -math.inf)
-    return torch.logsumexp(torch.cat([masked, logits.new_zeros(len(logits), 1)], dim=1), dim=1)
+def _log1p_sum_exp(logits: Tensor, exclude: Tensor) -> Tensor:
+    # log(1 + Σ exp(logits)) per row over the entries not in `exclude`, as log(e⁰ + e^{logsumexp}):
+    # no overflow for large α, β. A row with every entry excluded has logsumexp −∞ and gives log 1 = 0
+    # (the NaN that logsumexp's backward leaves in such a row is zeroed by masked_fill's backward)
+    lse = torch.logsumexp(logits.masked_fill(exclude, -math.inf), dim=1)
+    return torch.logaddexp(lse, lse.new_zeros(()))
 
 
 def _positive_slots(pos: Tensor) -> tuple[Tensor, Tensor]:
     """Each anchor's positive references as indices (n, P) padded to P = the most positives of any
-    anchor, with a validity mask (n, P). P is small (K in proxy form), so triplets need (n, P, m)."""
+    anchor, with a validity mask (n, P). P is small (K in proxy form): the positive terms work on
+    (n, P) gathers instead of masks over all m references, and triplets need (n, P, m), not (n, m, m)."""
     counts = pos.sum(dim=1)
-    width = int(counts.max())
-    # a stable descending sort of the 0/1 mask lists each row's positives first, in reference order
-    index = pos.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=pos.device) < counts[:, None]
+    valid = torch.arange(int(counts.max()), device=pos.device) < counts[:, None]
+    index = torch.zeros(valid.shape, dtype=torch.long, device=pos.device)
+    # both list the positives row by row: row i's first counts[i] slots take its positives in order
+    index[valid] = pos.nonzero(as_tuple=True)[1]
     return index, valid
 
 # --------------------------------------------------------------------------- the four losses (§4)
@@ -182,10 +207,10 @@ def _positive_slots(pos: Tensor) -> tuple[Tensor, Tensor]:
 def c1_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    margin: float = 0.5) -> Tensor:
     """C1 contrastive (Hadsell et al., XBM variant) on similarities s = ⟨x, ref⟩, PAPER.md §4."""
-    ref, pos, neg = _pair_masks(x, y, ref, ref_y, "c1_contrastive")
+    ref, same, index, valid = _pairs(x, y, ref, ref_y, "c1_contrastive")
     s = x @ ref.T
-    pull = torch.where(pos, 1 - s, 0.0)  # 1 − s over positive pairs
-    push = torch.where(neg, F.relu(s - margin), 0.0)  # [s − margin]₊ over negative pairs
+    pull = torch.where(valid, 1 - s.gather(1, index), 0.0)  # 1 − s over positive pairs
+    push = torch.where(same, 0.0, F.relu(s - margin))  # [s − margin]₊ over negative pairs
     # summed per anchor, then divided by the number of anchors |A|
     return (pull.sum(dim=1) + push.sum(dim=1)).mean()
 
@@ -193,10 +218,10 @@ def c1_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Op
 def c2_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    pos_margin: float = 0.0, neg_margin: float = 0.5) -> Tensor:
     """C2 contrastive with a positive margin (Wu et al.) on distances d, PAPER.md §4."""
-    ref, pos, neg = _pair_masks(x, y, ref, ref_y, "c2_contrastive")
+    ref, same, index, valid = _pairs(x, y, ref, ref_y, "c2_contrastive")
     d = pairwise_distance(x, ref)
-    pull = torch.where(pos, F.relu(d - pos_margin), 0.0)  # [d − m⁺]₊ over positive pairs
-    push = torch.where(neg, F.relu(neg_margin - d), 0.0)  # [m⁻ − d]₊ over negative pairs
+    pull = torch.where(valid, F.relu(d.gather(1, index) - pos_margin), 0.0)  # [d − m⁺]₊ over positive pairs
+    push = torch.where(same, 0.0, F.relu(neg_margin - d))  # [m⁻ − d]₊ over negative pairs
     # each side averaged over its non-zero terms
     return _mean_nonzero(pull) + _mean_nonzero(push)
 
@@ -204,23 +229,25 @@ def c2_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Op
 def triplet(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
             margin: float = 0.1) -> Tensor:
     """Triplet loss (Schroff et al.) over every valid (anchor, positive, negative), PAPER.md §4."""
-    ref, pos, neg = _pair_masks(x, y, ref, ref_y, "triplet")
+    ref, same, index, valid = _pairs(x, y, ref, ref_y, "triplet")
     d = pairwise_distance(x, ref)
-    index, valid = _positive_slots(pos)
-    d_ap = d.gather(1, index)
-    hinge = F.relu(d_ap[:, :, None] - d[:, None, :] + margin)  # [d(a,p) − d(a,n) + m]₊, (n, P, m)
-    is_triplet = valid[:, :, None] & neg[:, None, :]
-    return _mean_nonzero(torch.where(is_triplet, hinge, 0.0))
+    # the masks go on the (n, P) and (n, m) factors, not on the (n, P, m) product: an empty slot or a
+    # reference that is no negative enters as −∞, which makes the hinge 0, so only valid triplets count
+    d_ap = torch.where(valid, d.gather(1, index), -math.inf)
+    slack = torch.where(same, -math.inf, margin - d)
+    hinge = F.relu(d_ap[:, :, None] + slack[:, None, :])  # [d(a,p) + (m − d(a,n))]₊, (n, P, m)
+    return _mean_nonzero(hinge)
 
 
 def multi_similarity(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                      alpha: float = 2.0, beta: float = 40.0, base: float = 0.5) -> Tensor:
     """Multi-similarity loss (Wang et al.) on similarities, without pair mining, PAPER.md §4."""
     _check_positive("multi_similarity", alpha=alpha, beta=beta)
-    ref, pos, neg = _pair_masks(x, y, ref, ref_y, "multi_similarity")
+    ref, same, index, valid = _pairs(x, y, ref, ref_y, "multi_similarity")
     s = x @ ref.T
-    pull = _log1p_sum_exp(-alpha * (s - base), pos) / alpha  # (1/α)·log(1 + Σ_pos e^{−α(s − λ)})
-    push = _log1p_sum_exp(beta * (s - base), neg) / beta  # (1/β)·log(1 + Σ_neg e^{β(s − λ)})
+    s_pos = s.gather(1, index)  # the positives' similarities (n, P): the pull need not scan all m references
+    pull = _log1p_sum_exp(-alpha * (s_pos - base), ~valid) / alpha  # (1/α)·log(1 + Σ_pos e^{−α(s − λ)})
+    push = _log1p_sum_exp(beta * (s - base), same) / beta  # (1/β)·log(1 + Σ_neg e^{β(s − λ)})
     return (pull + push).mean()
 
 
@@ -336,8 +363,8 @@ class ProxyAnchor(nn.Module):
         s = p @ x.T  # (C, n): each proxy is an anchor, the batch its references
         pos = torch.arange(self.num_classes, device=labels.device)[:, None] == labels[None, :]
         with_positive = pos.any(dim=1)
-        pull = _log1p_sum_exp(-self.alpha * (s - self.margin), pos)[with_positive].sum() / with_positive.sum()
-        push = _log1p_sum_exp(self.alpha * (s + self.margin), ~pos).sum() / self.num_classes
+        pull = _log1p_sum_exp(-self.alpha * (s - self.margin), ~pos)[with_positive].sum() / with_positive.sum()
+        push = _log1p_sum_exp(self.alpha * (s + self.margin), pos).sum() / self.num_classes
         return pull + push
 
     def extra_repr(self) -> str:

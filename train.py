@@ -1,6 +1,10 @@
 """Train and evaluate deep metric learning with chance constraints (CCP) from one YAML file.
 
-    python train.py configs/sop_ms.yaml [key=value ...]
+usage: python train.py CONFIG.yaml [key=value ...]
+  e.g. python train.py configs/digits_ccp.yaml
+       python train.py configs/sop_ms.yaml fold=0 run_dir=runs/sop_ms_fold0
+       python train.py configs/sop_ms.yaml resume=auto          (continue an interrupted run)
+       python train.py configs/sop_ms.yaml eval_only=true resume=runs/sop_ms/fold0/best.pt run_dir=runs/eval
 
 The composition root of the project (DESIGN.md): it reads and validates the config, builds the data
 (data.py), the network (model.py), the objective (losses.py), the projection machinery
@@ -80,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "proxy_weight": 1.0,  # w_proxy
         "proxies_per_class": 4,  # K
         "pool_size": 7,  # b: candidate images per class for k-center (PAPER.md §5)
-        "proxy_init": "kcenter",  # kcenter | random (ablation)
+        "proxy_init": "kcenter",  # kcenter (PAPER.md §5) | random: drawn once, never re-selected (ablation)
     },
     "projection": {
         "lam": 2.0e-4,  # lambda; 0 switches the projection off (ablation)
@@ -302,6 +306,33 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+# Keys a checkpoint must agree on with the config that resumes it: they shape the saved state.
+STATE_SHAPING_KEYS = ("method", "dataset.name", "folds", "model.backbone", "model.embedding_dim",
+                      "model.pooling", "model.freeze_bn", "model.backbone_kwargs", "ccp.proxies_per_class")
+
+
+def load_checkpoint(path: str | Path, cfg: dict | None = None) -> dict:
+    """A checkpoint written by this script; with cfg, also check that cfg can continue from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (resume: takes a last.pt or best.pt, or auto)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign files fail in many ways inside torch/pickle
+        raise ConfigError(f"resume: cannot read checkpoint {path}: {err}") from None
+    if not isinstance(state, dict) or not {"model", "config", "step", "fold"} <= state.keys():
+        raise ConfigError(f"resume: {path} is not a checkpoint written by train.py "
+                          f"(expected a dict with model, config, step and fold)")
+    if cfg is not None:
+        saved, wanted = _flatten(state["config"]), _flatten(cfg)
+        differ = [k for k in STATE_SHAPING_KEYS if saved.get(k) != wanted[k]]
+        if differ:
+            raise ConfigError(f"resume: {path} was trained with " + ", ".join(
+                f"{k}={saved.get(k)!r}" for k in differ) + " but the config says " + ", ".join(
+                f"{k}={wanted[k]!r}" for k in differ))
+    return state
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -442,10 +473,11 @@ def reselect_proxies(cfg: dict, network, objective: losses.CCPLoss, fit, current
     pool_size = cfg["ccp"]["pool_size"]
     if pool_size < per_class:
         pool_size *= per_class  # the authors enlarge a pool smaller than K to b * K (PAPER.md §5)
-    augmentation = np.random.default_rng([seed, instance, 5])
 
     def embed_fn(indices: list[int]) -> torch.Tensor:
-        keys = [(i, int(s)) for i, s in zip(indices, augmentation.integers(0, 2**31, len(indices)))]
+        # one augmentation seed per candidate, from a stream that is stable across numpy versions
+        seeds = np.random.SeedSequence([seed, instance]).generate_state(len(indices), np.uint64) >> np.uint64(1)
+        keys = [(i, int(s)) for i, s in zip(indices, seeds)]
         return evaluate.embed(network, eval_loader(fit, cfg, sampler=keys), device)[0]
 
     class_to_indices = [[] for _ in range(fit.num_classes)]
@@ -568,7 +600,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
     if resume == "auto":
         resume = str(last_path) if last_path.exists() else None
     if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = load_checkpoint(resume, cfg)
         network.load_state_dict(state["model"])
         if objective is not None:
             objective.load_state_dict(state["objective"])
@@ -613,7 +645,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
     progress = Progress(tc["max_steps"], tc["log_every_seconds"], dc["classes_per_batch"] * dc["samples_per_class"],
                         prefix)
     status, loss_value, started = "no validation yet", float("nan"), time.time()
-    stopped = stopper.stale >= tc["patience"]  # a finished run resumed with resume=auto goes straight to testing
+    stopped = stopper.stale >= stopper.patience  # a finished run resumed with resume=auto goes straight to testing
     network.train()
     while step < tc["max_steps"] and not stopped:
         sampler.set_epoch(step // tc["eval_every"], step % tc["eval_every"])
@@ -640,7 +672,8 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
             score = val_metrics["MAP@R"]
             record = {"step": step, "instance": controller.instance if ccp else 0, "lam": lam,
                       "loss": loss_value, "val": val_metrics, "seconds": round(time.time() - started, 3)}
-            if stopper.update(score) == "improved":
+            overall = stopper.update(score)
+            if overall == "improved":
                 checkpoint(best_path)
             if ccp:
                 decision = controller.update(score)
@@ -649,17 +682,17 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
                 elif decision == "converged":  # "project": theta_anchor <- theta*, new proxies far from P*
                     weights = best_instance["model"]
                     anchor.anchor([weights[name] for name, p in network.named_parameters() if p.requires_grad])
-                    proxies_star = best_instance["proxies"]["weight"]
-                    current = proxies_star if cfg["ccp"]["proxy_init"] == "kcenter" else None
-                    record["selection"] = reselect_proxies(cfg, network, objective, fit, current, device,
-                                                           seed, controller.instance)
+                    message = f"instance {controller.instance - 1} converged; lambda -> {controller.lam:g}"
+                    if cfg["ccp"]["proxy_init"] == "kcenter":
+                        report = reselect_proxies(cfg, network, objective, fit, best_instance["proxies"]["weight"],
+                                                  device, seed, controller.instance)
+                        record["selection"] = report
+                        message += (f", proxies re-selected: covering radius {report['covering_radius_before']:.4f}"
+                                    f" -> {report['covering_radius_after']:.4f}")
                     best_instance = None
-                    print(f"{prefix}step {step}: instance {controller.instance - 1} converged "
-                          f"(best MAP@R {stopper.best:.4f}); lambda -> {controller.lam:g}, proxies re-selected, "
-                          f"covering radius {record['selection']['covering_radius_before']:.4f} -> "
-                          f"{record['selection']['covering_radius_after']:.4f}", flush=True)
+                    print(f"{prefix}step {step}: {message}", flush=True)
             append_jsonl(record, log_path)
-            stopped = stopper.stale >= tc["patience"]
+            stopped = overall == "stop"
             checkpoint(last_path)
             status = f"val MAP@R {score:.4f} (best {stopper.best:.4f})" + (
                 f" | instance {controller.instance}, lambda {controller.lam:g}" if ccp else "")
@@ -711,6 +744,9 @@ def ensemble_metrics(cfg: dict, parts: list[dict[str, tuple]]) -> dict[str, floa
 def run(cfg: dict) -> dict:
     """Train every requested (seed, fold) model and write run_dir/results.json."""
     run_dir = Path(cfg["run_dir"])
+    if cfg["resume"] is None and run_dir.is_dir() and any(run_dir.rglob("last.pt")):
+        raise ConfigError(f"run_dir {run_dir} already holds a run; continue it with resume=auto, or choose "
+                          f"another run_dir (nothing was overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg, sort_keys=False)))
     folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
@@ -750,18 +786,21 @@ def run(cfg: dict) -> dict:
 
 def evaluate_checkpoint(cfg: dict) -> dict:
     """eval_only: rebuild the checkpoint's network, evaluate it on the test split, print the table."""
-    path = Path(cfg["resume"])
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (set resume: to a best.pt or last.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    mc = state["config"]["model"]
+    path, run_dir = Path(cfg["resume"]), Path(cfg["run_dir"])
+    if (run_dir / "last.pt").exists() or (run_dir / "results.json").exists():
+        raise ConfigError(f"eval_only: run_dir {run_dir} already holds a run's results; set run_dir to a new "
+                          f"folder so that nothing there is overwritten")
+    state = load_checkpoint(path)
+    # the network and n(x) as the checkpoint was trained; the test data and metrics from cfg
+    trained = state["config"]
+    mc = trained["model"]
     network = models.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
                                  backbone_kwargs=mc["backbone_kwargs"])
     network.load_state_dict(state["model"])
     device = resolve_device(cfg["device"])
+    cfg = {**cfg, "normalization": trained["normalization"]}
     splits = build_splits(cfg, state["fold"])
     metrics = test_metrics(cfg, test_embeddings(cfg, network.to(device), splits, device))
-    run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json({"checkpoint": str(path), "step": state["step"], "test": metrics}, run_dir / "results.json")
     print(f"test metrics of {path} (step {state['step']})")
@@ -772,7 +811,7 @@ def evaluate_checkpoint(cfg: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[2])
+        print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])

@@ -1,19 +1,18 @@
-"""Cost of CCP over the plain pair loss for one training step (PAPER.md §8 reports +8 % time and one
-extra copy of the weights plus the proxies).
+"""Time per training step and memory of CCP next to the plain pair loss, side by side.
 
-    python benchmarks/bench_step.py [--steps 5] [--device cpu] [--image-size 227] [--classes 11318]
+PAPER.md §8 reports +8 % time per step and one extra copy of the weights plus the proxies.
+
+    python benchmarks/bench_step.py [--steps 15] [--device cpu] [--image-size 227] [--classes 11318]
 
 Both variants run the same train.train_step (BN-Inception, batch 32 = 8 classes x 4, random weights
 and images, so no data loading is timed): "plain" is the multi-similarity pair loss; "ccp" adds the
 proxy term over `--classes` x K proxies, the pull lambda (theta - theta_anchor) and the proxies'
-weight decay. Steps alternate between the two so that machine noise hits both alike; the peak
-memory of each variant is measured in its own subprocess (CPU: peak resident set; CUDA: peak
-allocated by torch).
+weight decay. Steps alternate between the two so that machine noise hits both alike. Memory is the
+training state each variant keeps between steps (weights, buffers, gradients, Adam's moments,
+theta_anchor, proxies), counted tensor by tensor: exact and the same on any device, where a CPU's
+peak resident memory moves by hundreds of MiB with the allocator's whims.
 """
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,32 +66,27 @@ def step(v: dict, device: str) -> float:
     return time.perf_counter() - start
 
 
-def memory_of(variant: str, args) -> None:
-    """Run in a subprocess: build one variant, take two steps, print its peak memory in MiB."""
-    v = build(variant, args)
-    for _ in range(2):
-        step(v, args.device)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak}))
+def state_mib(v: dict) -> float:
+    """MiB of the tensors a variant keeps between steps, each storage counted once."""
+    modules = [v["network"]] + ([v["loss"]] if isinstance(v["loss"], torch.nn.Module) else [])
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tensors += [t.grad for t in list(tensors) if t.grad is not None]
+    tensors += [t for state in v["optimizer"].state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += v["anchor"].anchors if v["anchor"] is not None else []
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image-size", type=int, default=227)
     parser.add_argument("--classes", type=int, default=11318, help="proxy classes (SOP: 11,318)")
     parser.add_argument("--per-class", type=int, default=4, help="proxies per class K (SOP: 4)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--memory-of", choices=["plain", "ccp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_of:
-        memory_of(args.memory_of, args)
-        return
 
     variants = {name: build(name, args) for name in ("plain", "ccp")}
     for v in variants.values():  # warm-up: allocator, first-call overheads
@@ -102,28 +96,21 @@ def main() -> None:
         for name, v in variants.items():
             times[name].append(step(v, args.device))
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-    peaks = {}
-    for name in variants:
-        out = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", args.device,
-                              "--image-size", str(args.image_size), "--classes", str(args.classes),
-                              "--per-class", str(args.per_class), "--threads", str(args.threads)],
-                             capture_output=True, text=True, check=True).stdout
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    memory = {name: state_mib(v) for name, v in variants.items()}
 
     network = variants["ccp"]["network"]
     weights_mib = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad) / 2**20
     proxies_mib = args.classes * args.per_class * 128 * 4 / 2**20
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, BN-Inception, batch 32 "
           f"(8 x 4), {args.image_size}x{args.image_size}, {args.steps} alternating steps each")
-    print(f"{'variant':<8}{'median s/step':>15}{'min s/step':>12}{'peak MiB':>10}")
+    print(f"{'variant':<8}{'median s/step':>15}{'min s/step':>12}{'state MiB':>11}")
     for name in variants:
-        print(f"{name:<8}{median[name]:>15.3f}{min(times[name]):>12.3f}{peaks[name]:>10.0f}")
+        print(f"{name:<8}{median[name]:>15.3f}{min(times[name]):>12.3f}{memory[name]:>11.1f}")
     print(f"CCP / plain time per step: {median['ccp'] / median['plain']:.3f} (median), "
           f"{min(times['ccp']) / min(times['plain']):.3f} (min)")
-    print(f"extra peak memory: {peaks['ccp'] - peaks['plain']:.0f} MiB; expected: theta_anchor "
-          f"{weights_mib:.1f} MiB + proxies {proxies_mib:.1f} MiB x 3 (weights, Adam's two moments) "
-          f"+ their gradients {proxies_mib:.1f} MiB = {weights_mib + 4 * proxies_mib:.1f} MiB")
+    print(f"CCP's extra state: {memory['ccp'] - memory['plain']:.1f} MiB = theta_anchor {weights_mib:.1f} MiB "
+          f"(one copy of the trainable weights) + proxies {proxies_mib:.1f} MiB x 4 (values, gradient, "
+          f"Adam's two moments) = {weights_mib + 4 * proxies_mib:.1f} MiB expected")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,22 @@ def test_triplet_proxy_form_does_not_build_n_m_m():
     m = classes * per_class
     assert max(largest) <= n * per_class * m < n * m * m // 100
 
+def test_positive_slots_list_each_rows_positives_in_order():
+    pos = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    index, valid = losses._positive_slots(pos)
+    assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
+    assert index[valid].tolist() == [1, 3, 4, 0]
+
+
+def test_lipschitz_normalize_backward_matches_autograd_of_the_formula():
+    x = torch.randn(50, 7, dtype=torch.float64) * torch.linspace(0.1, 3, 50, dtype=torch.float64)[:, None]
+    g = torch.randn(50, 7, dtype=torch.float64)
+    norm = x.requires_grad_().norm(dim=1, keepdim=True)
+    expected = torch.autograd.grad(x / torch.where(norm > 1, norm, 1.0), x, g)[0]
+    actual = torch.autograd.grad(losses.lipschitz_normalize(x), x, g)[0]
+    assert torch.allclose(actual, expected, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -55,3 +55,11 @@ def test_library_files_import_no_other_project_file(name):
 def test_library_files_never_call_cuda_directly():
     for name in STANDALONE + ["train.py"]:
         assert ".cuda()" not in (ROOT / name).read_text(), f"{name} calls .cuda(); use .to(device)"
+
+
+def test_readme_config_reference_lists_every_key():
+    import train
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in train._flatten(train.DEFAULTS) if f"| `{key}` |" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"

@@ -197,9 +197,9 @@ def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
         assert not torch.equal(anchored, last["model"][name])  # the network itself continued training
 
 
-def test_two_runs_are_identical(tmp_path):
+def test_two_runs_are_identical_with_or_without_loader_workers(tmp_path):
     run_digits(tmp_path, "a", "train.max_steps=20")
-    run_digits(tmp_path, "b", "train.max_steps=20")
+    run_digits(tmp_path, "b", "train.max_steps=20", "data.num_workers=2")  # augmentation seeded per item
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in "ab")
     assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["objective"], b["objective"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -323,3 +323,41 @@ def test_fake_cub_trains_with_the_tiny_cnn(tmp_path):
     assert [r["step"] for r in log if "val" in r] == [3, 6]
     assert results["mean"].keys() >= {"R@1", "R@2", "R@4", "R@8", "MAP@R"}
     assert 0.0 <= results["mean"]["MAP@R"] <= 1.0
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=5")
+    with pytest.raises(train.ConfigError, match=r"model\.embedding_dim=32.*config says model\.embedding_dim=16"):
+        run_digits(tmp_path, "run", "train.max_steps=10", "resume=auto", "model.embedding_dim=16")
+
+
+def test_unreadable_checkpoint_and_occupied_eval_dir_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    code = train.main([str(DIGITS), f"run_dir={tmp_path / 'eval'}", "eval_only=true",
+                       f"resume={tmp_path / 'broken.pt'}"])
+    assert code == 1 and "cannot read checkpoint" in capsys.readouterr().err
+    run_digits(tmp_path, "run", "train.max_steps=5")
+    before = (tmp_path / "run" / "results.json").read_text()
+    code = train.main([str(DIGITS), f"run_dir={tmp_path / 'run'}", "eval_only=true",
+                       f"resume={tmp_path / 'run' / 'best.pt'}"])
+    assert code == 1 and "already holds a run's results" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=5")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with pytest.raises(train.ConfigError, match="already holds a run; continue it with resume=auto"):
+        run_digits(tmp_path, "run", "train.max_steps=10")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before
+
+
+def test_random_proxy_ablation_never_reselects_but_still_projects(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=20", "ccp.proxy_init=random")
+    log = read_log(tmp_path / "run" / "metrics.jsonl")
+    assert not any("selection" in r for r in log)
+    assert [r["lam"] for r in log] == [0.0, 0.0, 2e-4, 2e-4]
+    initial = train.build_objective(train.load_config(DIGITS), 4, 32, seed=0).proxies.weight
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["objective"]["proxies.weight"]
+    assert not torch.equal(initial, first)  # trained from the random draw ...
+    assert (first - initial).abs().max() < 0.1  # ... by small Adam steps, never replaced
