@@ -555,6 +555,12 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
 
     splits = build_splits(cfg, fold)
     fit, val = splits["fit"], splits["val"]
+    tests = ", ".join(f"{len(d)} {name} images" for name, d in splits.items() if name not in ("fit", "val"))
+    what = f"{cfg['loss']['name'].upper()}-CCP" if method == "ccp" else (
+        f"{cfg['loss']['name'].upper()} (no proxies)" if method == "baseline" else method)
+    print(f"{prefix}{what} on {cfg['dataset']['name']}, fold {fold} of {cfg['folds']}, seed {seed}: "
+          f"{fit.num_classes} training classes ({len(fit)} images), {val.num_classes} validation classes "
+          f"({len(val)}), {tests}; device {device}; writing to {run_dir}", flush=True)
     mc = cfg["model"]
     network = models.build_model(mc["backbone"], mc["embedding_dim"], mc["pretrained"], mc["pooling"],
                                  mc["freeze_bn"], seed=seed, backbone_kwargs=mc["backbone_kwargs"]).to(device)
@@ -625,6 +631,8 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
             if cfg["ccp"]["proxy_init"] == "kcenter":  # P <- select(pool(theta), initial = 0, K)
                 report = reselect_proxies(cfg, network, objective, fit, None, device, seed, 0)
                 append_jsonl({"step": 0, "instance": 0, "lam": 0.0, "selection": report}, log_path)
+                print(f"{prefix}step 0: {objective.proxies.proxies_per_class} proxies per class chosen by k-center "
+                      f"from pools of {report['pool_size']} images", flush=True)
 
     def checkpoint(path: Path) -> None:
         state = {
@@ -706,6 +714,8 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
     if best_path.exists():
         best = torch.load(best_path, map_location="cpu", weights_only=False)
         network.load_state_dict(best["model"])
+        print(f"{prefix}best validation MAP@R {stopper.best:.4f} at step {best['step']}: testing that "
+              f"checkpoint on the test classes", flush=True)
     else:
         best = {"step": step}
         print(f"{prefix}no validation ran (max_steps {tc['max_steps']} < eval_every {tc['eval_every']}): "
