@@ -745,6 +745,15 @@ def summarize(rows: list[dict[str, float]]) -> tuple[dict[str, float], dict[str,
     return mean, sd
 
 
+def table_with_sd(mean: dict[str, float], sd: dict[str, float] | None) -> str:
+    """evaluate.format_table of the means, with "± sd" (in points) beside each fraction."""
+    lines = evaluate.format_table(mean).splitlines()
+    if sd is None:
+        return "\n".join(lines)
+    return "\n".join(lines[:1] + [line + (f" ± {100 * sd[key]:.2f}" if not isinstance(mean[key], int) else "")
+                                   for line, key in zip(lines[1:], (line.split()[0] for line in lines[1:]))])
+
+
 def ensemble_metrics(cfg: dict, parts: list[dict[str, tuple]]) -> dict[str, float]:
     """Metrics of the concatenated, per-part L2-normalised embeddings of the fold models (MLRC)."""
     joined = {name: (evaluate.ensemble([p[name][0] for p in parts]), parts[0][name][1]) for name in parts[0]}
@@ -784,12 +793,12 @@ def run(cfg: dict) -> dict:
         results["ensemble_mean"], results["ensemble_sd"] = summarize([s["ensemble"] for s in per_seed])
     save_json(results, run_dir / "results.json")
     dim = cfg["model"]["embedding_dim"]
-    print(f"\ntest metrics, {dim}-D" + (f", mean of {len(folds)} fold models" if len(folds) > 1 else "")
-          + (f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""))
-    print(evaluate.format_table(results["mean"]))
+    over_seeds = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    print(f"\ntest metrics, {dim}-D" + (f", mean of {len(folds)} fold models" if len(folds) > 1 else "") + over_seeds)
+    print(table_with_sd(results["mean"], results["sd"] if over_seeds else None))
     if "ensemble_mean" in results:
-        print(f"\ntest metrics, {dim * len(folds)}-D ensemble of the {len(folds)} fold models")
-        print(evaluate.format_table(results["ensemble_mean"]))
+        print(f"\ntest metrics, {dim * len(folds)}-D ensemble of the {len(folds)} fold models" + over_seeds)
+        print(table_with_sd(results["ensemble_mean"], results["ensemble_sd"] if over_seeds else None))
     print(f"\nresults: {run_dir / 'results.json'}")
     return results
 

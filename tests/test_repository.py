@@ -63,3 +63,12 @@ def test_readme_config_reference_lists_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in train._flatten(train.DEFAULTS) if f"| `{key}` |" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_readme_python_example_runs(monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "README.md shows no Python example"
+    monkeypatch.chdir(ROOT)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "MAP@R" in capsys.readouterr().out
