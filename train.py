@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import json
 import math
 import os
@@ -121,8 +122,8 @@ DEFAULTS: dict[str, Any] = {
 NULLABLE = {"resume": str, "fold": int, "model.pretrained": str}
 # Keys that hold keyword arguments of a function chosen by another key: checked against its signature.
 KWARGS_KEYS = ("loss.params", "baseline.params", "model.backbone_kwargs")
+KWARGS_LEAVES = {key.rsplit(".", 1)[1] for key in KWARGS_KEYS}
 CHOICES = {
-    "device": None,
     "method": ("ccp", "baseline", "proxy_anchor", "proxynca++", "softtriple", "xbm"),
     "normalization": tuple(losses.NORMALIZATIONS),
     "dataset.name": ("cub", "cars", "sop", "inshop", "digits"),
@@ -156,7 +157,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("params", "backbone_kwargs"):
+        # a keyword-argument mapping is replaced as a whole: a loss's parameters never mix with another's
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in KWARGS_LEAVES:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
@@ -205,8 +207,6 @@ def _check_type(key: str, value: Any, default: Any) -> None:
 
 
 def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
-    import inspect
-
     if not isinstance(params, dict):
         raise ConfigError(f"config key {key}: expected a mapping of keyword arguments, got {params!r}")
     valid = [
@@ -224,8 +224,8 @@ def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
 
 def validate_config(cfg: dict) -> dict:
     """Every key known, every value of the right type and among the choices; returns cfg."""
-    defaults = _flatten(DEFAULTS)
-    for key, value in _flatten(cfg).items():
+    defaults, flat = _flatten(DEFAULTS), _flatten(cfg)
+    for key, value in flat.items():
         if key not in defaults:
             close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
@@ -242,11 +242,11 @@ def validate_config(cfg: dict) -> dict:
         raise ConfigError(f"config key fold: {cfg['fold']} is outside 0..{cfg['folds'] - 1} (folds: {cfg['folds']})")
     for key in ("train.max_steps", "train.eval_every", "folds", "repeats", "data.classes_per_batch",
                 "data.samples_per_class", "ccp.proxies_per_class", "ccp.pool_size"):
-        if _flatten(cfg)[key] < 1:
-            raise ConfigError(f"config key {key}: must be at least 1, got {_flatten(cfg)[key]}")
+        if flat[key] < 1:
+            raise ConfigError(f"config key {key}: must be at least 1, got {flat[key]}")
     if cfg["method"] not in PROXY_BASELINES:
         for key in ("baseline.params", "baseline.warmup_steps"):
-            if _flatten(cfg)[key]:
+            if flat[key]:
                 raise ConfigError(f"config key {key} applies to the proxy baselines "
                                   f"({', '.join(PROXY_BASELINES)}), not to method {cfg['method']}")
     if cfg["eval_only"] and not cfg["resume"]:

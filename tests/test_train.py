@@ -361,3 +361,25 @@ def test_random_proxy_ablation_never_reselects_but_still_projects(tmp_path):
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["objective"]["proxies.weight"]
     assert not torch.equal(initial, first)  # trained from the random draw ...
     assert (first - initial).abs().max() < 0.1  # ... by small Adam steps, never replaced
+
+
+def test_fake_cub_with_bninception_from_a_weight_file(tmp_path):
+    """The paper's set-up end to end at a tiny scale: a BN-Inception weight file with the port's key
+    names, the BGR/Caffe input, frozen BatchNorm (statistics and affine parameters never change)."""
+    make_fake_cub(tmp_path / "cub", images_per_class=4)
+    weights = train.models.BNInception().state_dict()
+    torch.save({k: v.clone() for k, v in weights.items()}, tmp_path / "bn_inception.pth")
+    overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "folds=2",
+                 "fold=0", f"model.pretrained={tmp_path / 'bn_inception.pth'}", "data.crop_size=64",
+                 "data.resize=72", "data.classes_per_batch=2", "data.samples_per_class=2", "data.num_workers=0",
+                 "ccp.proxies_per_class=2", "ccp.pool_size=2", "train.max_steps=2", "train.eval_every=2",
+                 "evaluation.nmi=false"]
+    cfg = train.load_config(ROOT / "configs" / "cub_ms.yaml", overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # far fewer images than CUB: data.py warns
+        train.run(cfg)
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    batchnorm = [k for k in weights if "_bn." in k]
+    assert batchnorm and all(torch.equal(trained[f"backbone.{k}"], weights[k]) for k in batchnorm)
+    convs = [k for k in weights if "_bn." not in k]
+    assert any(not torch.equal(trained[f"backbone.{k}"], weights[k]) for k in convs)  # the rest trains
