@@ -302,7 +302,10 @@ def load_pretrained(module: nn.Module, path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_pretrained: no weight file at {path}")
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated downloads and foreign files fail in many ways inside torch/pickle
+        raise ValueError(f"load_pretrained: cannot read {path} as a PyTorch weight file: {err}") from None
     if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
         raise ValueError(f"load_pretrained: expected {path} to hold a state_dict (dict of name → tensor), "
                          f"got {type(stored).__name__}")

@@ -838,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(cfg)
         else:
             run(cfg)
-    except (ConfigError, FileNotFoundError, NonFiniteLoss) as err:
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, ValueError) as err:
+        # bad input (config, files, data, weights) is reported in one message, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

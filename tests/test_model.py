@@ -386,3 +386,10 @@ def test_build_model_errors():
         model.build_model("tiny_cnn", backbone_kwargs={"channels": 3})
     rgb = model.build_model("tiny_cnn", backbone_kwargs={"in_channels": 3}, embedding_dim=8)
     assert rgb(torch.randn(2, 3, 8, 8)).shape == (2, 8)
+
+
+def test_corrupt_weight_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bn_inception-52deb4733.pth"
+    path.write_bytes(b"\x80\x02truncated download")
+    with pytest.raises(ValueError, match=r"cannot read .*bn_inception-52deb4733\.pth as a PyTorch weight file"):
+        model.load_pretrained(model.BNInception(), path)
