@@ -613,10 +613,12 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
         if memory is not None:
             memory.load_state_dict(state["memory"])
         optimizer.load_state_dict(state["optimizer"])
+        # progress from the checkpoint, settings from the config: a resumed run may be given more patience
         if ccp:
             anchor.load_state_dict(state["anchor"])
-            controller.load_state_dict(state["controller"])
-        stopper.load_state_dict(state["stopper"])
+            controller.load_state_dict({**state["controller"], **cfg["projection"]})
+        stopper.load_state_dict({**state["stopper"], "patience": tc["patience"],
+                                 "min_delta": cfg["projection"]["min_delta"]})
         sampler.load_state_dict(state["sampler"])
         best_instance, step = state["instance_best"], state["step"]
         set_rng_state(state["rng"])

@@ -383,3 +383,12 @@ def test_fake_cub_with_bninception_from_a_weight_file(tmp_path):
     assert batchnorm and all(torch.equal(trained[f"backbone.{k}"], weights[k]) for k in batchnorm)
     convs = [k for k in weights if "_bn." not in k]
     assert any(not torch.equal(trained[f"backbone.{k}"], weights[k]) for k in convs)  # the rest trains
+
+
+def test_a_finished_run_resumed_with_more_patience_trains_on(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=40", "train.patience=2", "projection.min_delta=1.0")
+    steps = [r["step"] for r in read_log(tmp_path / "run" / "metrics.jsonl") if "val" in r]
+    assert steps == [5, 10, 15]  # min_delta 1: nothing improves after the first validation
+    run_digits(tmp_path, "run", "train.max_steps=40", "train.patience=4", "projection.min_delta=1.0", "resume=auto")
+    steps = [r["step"] for r in read_log(tmp_path / "run" / "metrics.jsonl") if "val" in r]
+    assert steps == [5, 10, 15, 20, 25]
