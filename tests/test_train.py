@@ -392,3 +392,55 @@ def test_a_finished_run_resumed_with_more_patience_trains_on(tmp_path):
     run_digits(tmp_path, "run", "train.max_steps=40", "train.patience=4", "projection.min_delta=1.0", "resume=auto")
     steps = [r["step"] for r in read_log(tmp_path / "run" / "metrics.jsonl") if "val" in r]
     assert steps == [5, 10, 15, 20, 25]
+
+
+def write_jpeg(path: Path, shade: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(shade).random((36, 40, 3)) * 60 + shade % 5 * 40).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def make_fake_sop(root: Path) -> None:
+    base = root / "Stanford_Online_Products"
+    for split, classes in (("train", range(1, 5)), ("test", range(5, 9))):
+        rows = ["image_id class_id super_class_id path"]
+        for c in classes:
+            for k in range(4):
+                name = f"bicycle_final/{c}_{k}.JPG"
+                write_jpeg(base / name, c)
+                rows.append(f"{len(rows)} {c} 1 {name}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(rows) + "\n")
+
+
+def make_fake_inshop(root: Path) -> None:
+    rows = []
+    for item in range(1, 8):
+        statuses = ["train"] * 4 if item <= 4 else ["query", "query", "gallery", "gallery"]
+        for k, status in enumerate(statuses):
+            name = f"img/MEN/Denim/id_{item:08d}/{k:02d}_1_front.jpg"
+            write_jpeg(root / "Img" / name, item)
+            rows.append(f"{name}   id_{item:08d}   {status}")
+    (root / "Eval").mkdir(parents=True)
+    (root / "Eval" / "list_eval_partition.txt").write_text(
+        "\n".join([str(len(rows)), "image_name item_id evaluation_status", *rows]) + "\n")
+
+
+@pytest.mark.parametrize("dataset, make", [("sop", make_fake_sop), ("inshop", make_fake_inshop)])
+def test_fake_sop_and_inshop_train_and_test(tmp_path, capsys, dataset, make):
+    make(tmp_path / dataset)
+    overrides = [f"dataset.root={tmp_path / dataset}", f"run_dir={tmp_path / 'run'}", "device=cpu",
+                 "folds=2", "fold=0", "model.backbone=tiny_cnn", "model.pretrained=null", "model.embedding_dim=8",
+                 "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}", "data.transform=resnet",
+                 "data.crop_size=24", "data.resize=28", "data.classes_per_batch=2", "data.samples_per_class=2",
+                 "data.num_workers=0", "ccp.proxies_per_class=2", "ccp.pool_size=2", "train.max_steps=4",
+                 "train.eval_every=2", "train.lr=0.001"]
+    cfg = train.load_config(ROOT / "configs" / f"{dataset}_ms.yaml", overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tiny fakes: data.py warns about the counts
+        results = train.run(cfg)
+    header = capsys.readouterr().out.splitlines()[0]
+    expected = "6 query images, 6 gallery images" if dataset == "inshop" else "16 test images"
+    assert expected in header and "2 training classes (8 images), 2 validation classes (8)" in header
+    ks = [1, 10, 20, 30, 40] if dataset == "inshop" else [1, 10, 100, 1000]
+    assert {f"R@{k}" for k in ks} <= results["mean"].keys()
+    assert results["mean"]["R@10"] == 1.0  # every query's class is among fewer than 10 references
