@@ -333,6 +333,11 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None) -> dict:
     return state
 
 
+def holds_results(run_dir: Path) -> bool:
+    """Whether run_dir (or a fold/seed folder in it) already holds a checkpoint or results to keep."""
+    return run_dir.is_dir() and any(any(run_dir.rglob(name)) for name in ("last.pt", "results.json"))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -714,7 +719,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
 
     # Restore the overall best weights and proxies, chosen on validation classes, then test.
     if best_path.exists():
-        best = torch.load(best_path, map_location="cpu", weights_only=False)
+        best = load_checkpoint(best_path)
         network.load_state_dict(best["model"])
         print(f"{prefix}best validation MAP@R {stopper.best:.4f} at step {best['step']}: testing that "
               f"checkpoint on the test classes", flush=True)
@@ -765,7 +770,7 @@ def ensemble_metrics(cfg: dict, parts: list[dict[str, tuple]]) -> dict[str, floa
 def run(cfg: dict) -> dict:
     """Train every requested (seed, fold) model and write run_dir/results.json."""
     run_dir = Path(cfg["run_dir"])
-    if cfg["resume"] is None and run_dir.is_dir() and any(run_dir.rglob("last.pt")):
+    if cfg["resume"] is None and holds_results(run_dir):
         raise ConfigError(f"run_dir {run_dir} already holds a run; continue it with resume=auto, or choose "
                           f"another run_dir (nothing was overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -808,7 +813,7 @@ def run(cfg: dict) -> dict:
 def evaluate_checkpoint(cfg: dict) -> dict:
     """eval_only: rebuild the checkpoint's network, evaluate it on the test split, print the table."""
     path, run_dir = Path(cfg["resume"]), Path(cfg["run_dir"])
-    if (run_dir / "last.pt").exists() or (run_dir / "results.json").exists():
+    if holds_results(run_dir):
         raise ConfigError(f"eval_only: run_dir {run_dir} already holds a run's results; set run_dir to a new "
                           f"folder so that nothing there is overwritten")
     state = load_checkpoint(path)
@@ -840,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(cfg)
         else:
             run(cfg)
-    except (ConfigError, FileNotFoundError, NonFiniteLoss, ValueError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:  # ConfigError is a ValueError
         # bad input (config, files, data, weights) is reported in one message, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
