@@ -10,7 +10,7 @@ What lives here, top to bottom:
   (the projection term λ/2·‖θ − θ_anchor‖² belongs to projection.py);
 - the baselines of §4: Proxy-Anchor, ProxyNCA++, SoftTriple and cross-batch memory (XBM).
 
-Conventions (DESIGN.md): embeddings are (n, d) floating tensors and labels (n,) integer tensors.
+Conventions (docs/DESIGN.md): embeddings are (n, d) floating tensors and labels (n,) integer tensors.
 The four losses use their inputs as given (the caller applies n); the baselines take raw embeddings
 and normalise inside with x/‖x‖, as their papers do. Every proxy table starts as N(0, 1/d) draws
 from the `generator` passed in. Everything runs on the inputs' device and dtype. Bad input raises
@@ -263,7 +263,7 @@ def _random_proxies(rows: int, dim: int, generator: Optional[torch.Generator]) -
 
 
 class Proxies(nn.Module):
-    """C classes × K proxies of dimension d, stored class-major (DESIGN.md): row c·K + k is proxy k of class c.
+    """C classes × K proxies of dimension d, stored class-major (docs/DESIGN.md): row c·K + k is proxy k of class c.
 
     `weight` starts as N(0, 1/d) draws from `generator` (the `proxy_init: random` ablation); proxy
     selection (PAPER.md §5) overwrites it through `reset`, keeping the same Parameter.
@@ -431,21 +431,26 @@ class CrossBatchMemory(nn.Module):
     detached n(x) and labels, used as extra references: loss_fn(n(x), y, memory, memory labels).
 
     `forward` compares the batch with the memory as it was before the batch (so no embedding meets
-    its own copy) and then enqueues the batch; `enqueue` only stores (while the memory fills before
-    its loss is switched on, PAPER.md §4). The queue, its pointer and its fill count are buffers, so
-    `state_dict()` carries them.
+    its own copy) and then enqueues the batch; `enqueue` only stores. `scheduled_loss` is one
+    training step under the schedule of PAPER.md §4: nothing for the first `start` batches, then the
+    memory fills without a loss, and once it is full its loss is on. The queue, its pointer, its fill
+    count and the batches seen are buffers, so `state_dict()` carries them.
     """
 
     def __init__(self, loss_fn: Callable[..., Tensor], dim: int, memory_size: int,
-                 normalize: Callable[[Tensor], Tensor] = lipschitz_normalize, **loss_params: float) -> None:
+                 normalize: Callable[[Tensor], Tensor] = lipschitz_normalize, start: int = 0,
+                 **loss_params: float) -> None:
         super().__init__()
         _check_positive("CrossBatchMemory", dim=dim, memory_size=memory_size)
+        if start < 0:
+            raise ValueError(f"CrossBatchMemory: start must be >= 0 batches, got {start}")
         _check_loss_params(loss_fn, loss_params, "CrossBatchMemory")
-        self.loss_fn, self.normalize, self.loss_params = loss_fn, normalize, loss_params
+        self.loss_fn, self.normalize, self.start, self.loss_params = loss_fn, normalize, start, loss_params
         self.register_buffer("memory", torch.zeros(memory_size, dim))
         self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # next row to overwrite
         self.register_buffer("count", torch.zeros((), dtype=torch.long))  # rows filled so far
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))  # by scheduled_loss
 
     def __len__(self) -> int:
         return int(self.count)
@@ -471,6 +476,17 @@ class CrossBatchMemory(nn.Module):
         self._push(z.detach(), labels)
         return loss
 
+    def scheduled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The memory's term for one training batch: 0 before `start` batches have passed and while
+        the memory fills, then forward() (PAPER.md §4: the term is switched on once the memory is full)."""
+        seen = int(self.batches_seen)
+        self.batches_seen.add_(1)
+        if seen >= self.start and self.is_full:
+            return self(embeddings, labels)
+        if seen >= self.start:
+            self.enqueue(embeddings.detach(), labels)
+        return embeddings.new_zeros(())
+
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Store n(embeddings) and labels without computing a loss."""
@@ -490,4 +506,4 @@ class CrossBatchMemory(nn.Module):
     def extra_repr(self) -> str:
         params = "".join(f", {k}={v}" for k, v in self.loss_params.items())
         return (f"loss_fn={_name(self.loss_fn)}, dim={self.memory.shape[1]}, memory_size={len(self.memory)}, "
-                f"normalize={_name(self.normalize)}{params}")
+                f"normalize={_name(self.normalize)}, start={self.start}{params}")

@@ -5,10 +5,13 @@ proximal term (λ_t / 2)·‖θ − θ_anchor‖² over the network's weights (P
 approximately projects onto the constraint set of the previous instance.
 AlternatingProjections decides, from the validation metric, when an instance has converged (the
 caller then anchors θ* and re-selects proxies, selection.py) and what λ_t the next instance
-uses; EarlyStopping ends the whole run. Standalone: imports torch and the standard library only.
+uses; EarlyStopping ends the whole run. ProblemInstances holds all of it for a training loop
+(θ_anchor, instance t and λ_t, the host copies θ*, P*) behind one question asked after each
+validation. Standalone: imports torch and the standard library only.
 """
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -113,6 +116,10 @@ def is_improvement(metric: float, best: float, min_delta: float) -> bool:
     return metric > best + min_delta
 
 
+# The controller's settings, in its constructor's order (the rest of its state is progress).
+SETTINGS = ("lam", "decay", "instance_patience", "min_evaluations", "min_delta")
+
+
 class AlternatingProjections:
     """The controller of PAPER.md §2: which problem instance t runs, its λ_t, and when it is over.
 
@@ -188,8 +195,7 @@ class AlternatingProjections:
     def load_state_dict(self, state: dict) -> None:
         """Restore settings and progress, so the controller makes the same future decisions."""
         check_keys(state, self.state_dict(), "AlternatingProjections")
-        settings = ("lam", "decay", "instance_patience", "min_evaluations", "min_delta")
-        self.__init__(*(state[key] for key in settings))  # re-validates the settings
+        self.__init__(*(state[key] for key in SETTINGS))  # re-validates the settings
         self.instance = state["instance"]
         self.evaluations = state["evaluations"]
         self.stale = state["stale"]
@@ -232,3 +238,84 @@ class EarlyStopping:
         self.__init__(state["patience"], state["min_delta"])  # re-validates the settings
         self.stale = state["stale"]
         self.best = -math.inf if state["best"] is None else state["best"]
+
+
+def host_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A host-memory copy of a module's state (θ*, P*): the training device holds only θ_anchor."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one validation did to the problem instances (ProblemInstances.after_validation).
+
+    event: "snapshot" (a new best of the running instance: θ*, P* kept), "converged" (the instance
+    ended: θ_anchor ← θ*, the next instance and its λ_t are in force, `converged_proxies` holds P*
+    for the caller's re-selection), or "none". `instance` and `lam` are those in force afterwards.
+    """
+
+    event: str
+    instance: int
+    lam: float
+    converged_proxies: torch.Tensor | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.event == "converged"
+
+
+class ProblemInstances:
+    """The state Algorithm 1 (PAPER.md §2) keeps between steps, and its decision after a validation.
+
+    It holds θ_anchor (ProximalAnchor over the network's trainable tensors, set to θ at the start),
+    the controller of instance t and λ_t (AlternatingProjections), and the host copies θ*, P* of the
+    running instance's best validation. `pull()` adds λ_t(θ − θ_anchor) to the gradients;
+    `after_validation(metric)` is the one question the training loop asks after each validation.
+    """
+
+    def __init__(self, network: torch.nn.Module, proxies: torch.nn.Module, lam: float, decay: float = 1.0,
+                 instance_patience: int = 3, min_evaluations: int = 1, min_delta: float = 1e-5):
+        self.network, self.proxies = network, proxies
+        self.trainable = [name for name, p in network.named_parameters() if p.requires_grad]
+        self.anchor = ProximalAnchor(p for p in network.parameters() if p.requires_grad)
+        self.anchor.anchor()  # θ_anchor ← θ (unused while λ_0 = 0)
+        self.controller = AlternatingProjections(lam, decay, instance_patience, min_evaluations, min_delta)
+        self.best: dict[str, dict[str, torch.Tensor]] | None = None  # θ*, P* of the running instance
+
+    @property
+    def instance(self) -> int:
+        return self.controller.instance
+
+    @property
+    def lam(self) -> float:
+        return self.controller.lam
+
+    def pull(self) -> None:
+        """grad += λ_t(θ − θ_anchor): the gradient of (λ_t / 2)‖θ − θ_anchor‖² (no-op while λ_t = 0)."""
+        if self.lam > 0:
+            self.anchor.add_to_grad(self.lam)
+
+    def after_validation(self, metric: float) -> Outcome:
+        """Keep θ*, P* at the running instance's best; at convergence, θ_anchor ← θ* and move on to t + 1."""
+        decision = self.controller.update(metric)
+        if decision == "improved":
+            self.best = {"network": host_copy(self.network), "proxies": host_copy(self.proxies)}
+            return Outcome("snapshot", self.instance, self.lam)
+        if decision == "converged":
+            weights = self.best["network"]
+            self.anchor.anchor([weights[name] for name in self.trainable])
+            converged_proxies, self.best = self.best["proxies"]["weight"], None
+            return Outcome("converged", self.instance, self.lam, converged_proxies)
+        return Outcome("none", self.instance, self.lam)
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor.state_dict(), "controller": self.controller.state_dict(), "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Progress from `state`; λ, decay and the patiences stay as constructed, so a resumed run
+        may be given other settings than the run it continues."""
+        check_keys(state, self.state_dict(), "ProblemInstances")
+        self.anchor.load_state_dict(state["anchor"])
+        settings = {k: v for k, v in self.controller.state_dict().items() if k in SETTINGS}
+        self.controller.load_state_dict({**state["controller"], **settings})
+        self.best = state["best"]

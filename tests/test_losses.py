@@ -386,6 +386,24 @@ def test_xbm_excludes_the_current_batch_and_enqueues_after():
     assert x2.grad.abs().sum() > 0 and len(xbm) == 8
 
 
+def test_xbm_schedule_waits_fills_then_switches_its_loss_on():
+    """scheduled_loss (PAPER.md §4): zero for `start` batches (nothing stored), zero while the memory
+    fills, then the loss against the memory as it was before the batch."""
+    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=2, neg_margin=0.9).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1])) for _ in range(5)]
+    values = [float(xbm.scheduled_loss(x, y)) for x, y in batches[:4]]
+    assert values == [0.0] * 4
+    assert xbm.is_full and int(xbm.batches_seen) == 4  # batches 0-1 waited, 2-3 filled the 4 rows
+    stored = torch.cat([losses.lipschitz_normalize(x) for x, _ in batches[2:4]])
+    assert torch.equal(xbm.memory, stored)
+    x, y = batches[4]
+    expected = ref_c2(losses.lipschitz_normalize(x), y, stored, torch.tensor([0, 1, 0, 1]), neg_margin=0.9)
+    close(xbm.scheduled_loss(x, y), expected)
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=-1)
+
+
 def ring_reference(batches, size):
     """The memory contents (row order ignored) after pushing batches through a FIFO of `size` rows."""
     rows = [(tuple(r), int(l)) for z, y in batches for r, l in zip(z.tolist(), y.tolist())]
@@ -410,7 +428,7 @@ def test_xbm_wrap_around_and_state_dict_round_trip():
     x, y = torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 0])
     restored = losses.CrossBatchMemory(losses.multi_similarity, 3, 5)
     restored.load_state_dict(xbm.state_dict())
-    assert set(xbm.state_dict()) == {"memory", "memory_labels", "pointer", "count"}
+    assert set(xbm.state_dict()) == {"memory", "memory_labels", "pointer", "count", "batches_seen"}
     memory = [(torch.tensor([r for r, _ in ring_reference(batches, 5)]),
                torch.tensor([l for _, l in ring_reference(batches, 5)]))]
     expected = ref_ms(losses.lipschitz_normalize(x).double(), y, memory[0][0].double(), memory[0][1])

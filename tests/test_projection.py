@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from projection import AlternatingProjections, EarlyStopping, ProximalAnchor
+from projection import AlternatingProjections, EarlyStopping, ProblemInstances, ProximalAnchor
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
 
@@ -264,3 +264,66 @@ def test_early_stopping_and_its_state_dict():
     fresh = EarlyStopping()
     fresh.load_state_dict(json.loads(json.dumps(EarlyStopping().state_dict(), allow_nan=False)))
     assert fresh.best == -math.inf and fresh.update(-5.0) == "improved"
+
+
+# ---------------------------------------------------------------------------------------------
+# ProblemInstances: the state of Algorithm 1 between steps
+
+
+def make_instances(**settings):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    network[1].weight.requires_grad_(False)  # a frozen tensor is neither anchored nor pulled
+    proxies = torch.nn.Linear(2, 4, bias=False)  # stands in for losses.Proxies: a module with .weight
+    return network, proxies, ProblemInstances(network, proxies, **{"lam": 0.5, "instance_patience": 1, **settings})
+
+
+def test_problem_instances_snapshot_converge_and_anchor_the_best():
+    network, proxies, inst = make_instances()
+    assert (inst.instance, inst.lam) == (0, 0.0)
+    first = inst.after_validation(0.3)  # the instance's first evaluation is its best so far
+    assert (first.event, first.instance, first.lam, first.converged) == ("snapshot", 0, 0.0, False)
+    best_weight = network[0].weight.detach().clone()
+    best_proxies = proxies.weight.detach().clone()
+    with torch.no_grad():  # the network and proxies train on after the snapshot
+        network[0].weight.add_(1.0)
+        proxies.weight.add_(1.0)
+    outcome = inst.after_validation(0.2)  # no improvement for instance_patience = 1: converged
+    assert (outcome.event, outcome.instance, outcome.lam, outcome.converged) == ("converged", 1, 0.5, True)
+    assert torch.equal(outcome.converged_proxies, best_proxies)  # P* for k-center's initial set
+    anchored = dict(zip(inst.trainable, inst.anchor.anchors))
+    assert set(anchored) == {"0.weight", "0.bias", "1.bias"}
+    assert torch.equal(anchored["0.weight"], best_weight)  # theta_anchor <- theta*, not the current theta
+    assert not torch.equal(network[0].weight, best_weight)
+    assert inst.after_validation(0.1).event == "snapshot"  # instance 1 starts afresh
+
+
+def test_problem_instances_pull_is_lambda_t_times_the_distance_to_the_anchor():
+    network, _, inst = make_instances()
+    loss = network[0].weight.sum()
+    loss.backward()
+    before = network[0].weight.grad.clone()
+    inst.pull()  # lambda_0 = 0: no pull in the first instance
+    assert torch.equal(network[0].weight.grad, before)
+    inst.after_validation(0.3)
+    inst.after_validation(0.2)  # converged: anchor = the snapshot, equal to theta here
+    with torch.no_grad():
+        network[0].weight.add_(2.0)
+    inst.pull()
+    torch.testing.assert_close(network[0].weight.grad, before + 0.5 * 2.0 * torch.ones_like(before))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_problem_instances_state_dict_resumes_progress_with_the_new_settings(cut):
+    scores = [0.3, 0.2, 0.4, 0.1, 0.5]
+    network, proxies, original = make_instances()
+    outcomes = [original.after_validation(s).event for s in scores[:cut]]
+    state = original.state_dict()
+    _, _, restored = make_instances(lam=0.25)  # a resumed run may change lambda
+    restored.load_state_dict(state)
+    assert restored.instance == original.instance and restored.lam == (0.25 if original.instance else 0.0)
+    assert [restored.after_validation(s).event for s in scores[cut:]] == [
+        original.after_validation(s).event for s in scores[cut:]]
+    assert outcomes  # the prefix ran
+    with pytest.raises(ValueError, match="ProblemInstances.load_state_dict"):
+        restored.load_state_dict({"anchor": None})

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import losses
+import model
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,10 +190,10 @@ def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
     # The instance converged at step 10; its best evaluation was step 5, saved as best.pt.
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert best["step"] == 5
-    names = [n for n, p in train.models.build_model("tiny_cnn", 32, None, "avg", False).named_parameters()
+    names = [n for n, p in model.build_model("tiny_cnn", 32, None, "avg", False).named_parameters()
              if p.requires_grad]
-    assert len(names) == len(last["anchor"]["anchors"])
-    for name, anchored in zip(names, last["anchor"]["anchors"]):
+    assert len(names) == len(last["instances"]["anchor"]["anchors"])
+    for name, anchored in zip(names, last["instances"]["anchor"]["anchors"]):
         assert torch.equal(anchored, best["model"][name])
         assert not torch.equal(anchored, last["model"][name])  # the network itself continued training
 
@@ -216,7 +217,7 @@ def test_resume_continues_bit_for_bit(tmp_path, interrupt):
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in ("straight", "resumed"))
     assert a["step"] == b["step"] == 40
     assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["objective"], b["objective"])
-    assert a["controller"] == b["controller"]
+    assert a["instances"]["controller"] == b["instances"]["controller"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_log(tmp_path / "straight" / "metrics.jsonl")) == strip(
         read_log(tmp_path / "resumed" / "metrics.jsonl"))
@@ -236,7 +237,7 @@ def test_baselines_train(tmp_path):
 def test_warmup_trains_only_the_embedding_layer(tmp_path):
     run_digits(tmp_path, "warm", "train.max_steps=5", "method=proxy_anchor", "baseline.warmup_steps=5")
     cfg = train.load_config(DIGITS)
-    initial = train.models.build_model("tiny_cnn", 32, None, "avg", False, seed=cfg["seed"])
+    initial = model.build_model("tiny_cnn", 32, None, "avg", False, seed=cfg["seed"])
     trained = torch.load(tmp_path / "warm" / "last.pt", weights_only=False)["model"]
     changed = {k for k, p in initial.named_parameters() if not torch.equal(p, trained[k])}
     assert changed and all(k.startswith("embedding") for k in changed), changed
@@ -367,7 +368,7 @@ def test_fake_cub_with_bninception_from_a_weight_file(tmp_path):
     """The paper's set-up end to end at a tiny scale: a BN-Inception weight file with the port's key
     names, the BGR/Caffe input, frozen BatchNorm (statistics and affine parameters never change)."""
     make_fake_cub(tmp_path / "cub", images_per_class=4)
-    weights = train.models.BNInception().state_dict()
+    weights = model.BNInception().state_dict()
     torch.save({k: v.clone() for k, v in weights.items()}, tmp_path / "bn_inception.pth")
     overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "folds=2",
                  "fold=0", f"model.pretrained={tmp_path / 'bn_inception.pth'}", "data.crop_size=64",
