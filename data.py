@@ -1,4 +1,4 @@
-"""Everything between files on disk and batches of tensors (PAPER.md §7, ../shared/DATASETS.md).
+"""Everything between files on disk and batches of tensors (PAPER.md §7, docs/DATASETS.md).
 
 Owns:
 - the four retrieval benchmarks read from the archives users have (CUB-200-2011, Cars196 in its
@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-# ----------------------------------------------------------------------------- facts (DATASETS.md)
+# ----------------------------------------------------------------------------- facts (docs/DATASETS.md)
 
 SPLITS = {
     "cub": ("train", "test"),
@@ -62,33 +62,6 @@ EXPECTED_COUNTS = {
     "inshop": {"train": (25882, 3997), "query": (14218, 3985), "gallery": (12612, 3985)},
     "digits": {"train": (1083, 6), "test": (714, 4)},
 }
-
-# name -> (address, archive file name, MD5); only these two are still publicly downloadable.
-ARCHIVES = {
-    "cub": ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
-            "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78"),
-    "sop": ("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-            "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),
-}
-
-MANUAL_STEPS = {
-    "cars": """Cars196 cannot be downloaded automatically: its original addresses are gone.
-Put ONE of these layouts under --root (all three are read; the split is by class, 1-98 / 99-196):
-  1. original: car_ims/000001.jpg ... and cars_annos.mat
-     (car_ims.tgz MD5 d5c8f0aa497503f355e17dc7886c3f14, cars_annos.mat MD5 b407c6086d669747186bd1d764ff9dbc)
-  2. devkit / torchvision: cars_train/, cars_test/, devkit/cars_train_annos.mat and
-     cars_test_annos_withlabels.mat (beside devkit/ or inside it)
-  3. class folders: names.csv, anno_train.csv, anno_test.csv, car_data/car_data/{train,test}/<class>/
-Then run: python data.py check cars --root DIR""",
-    "inshop": """In-Shop Clothes Retrieval needs a sign-in: download it by hand from
-  https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html
-Put Eval/list_eval_partition.txt and Img/img.zip under --root, unzip Img/img.zip inside Img/
-(giving Img/img/WOMEN/... and Img/img/MEN/...), then run: python data.py check inshop --root DIR""",
-}
-
-BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)  # Caffe convention: BGR, 0-255, std 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _fetch_hint(name: str, root: Path) -> str:
@@ -257,7 +230,7 @@ def _mat_records(path: Path, variable: str, fields: Sequence[str]) -> list[dict]
 
 
 def _read_cars(root: Path, split: str) -> tuple[list[str], list[int]]:
-    # three layouts (DATASETS.md), all merged and split by class: 1-98 train, 99-196 test
+    # three layouts (docs/DATASETS.md), all merged and split by class: 1-98 train, 99-196 test
     _require_root(root, "cars")
     for base in (root, root / "stanford_cars", root.parent):
         if (base / "cars_annos.mat").is_file():
@@ -355,7 +328,7 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str,
     """The `split` of dataset `name` (cub, cars, sop, inshop, digits) extracted under `root`.
 
     root is the folder the archive was extracted into or the dataset's inner folder; it is
-    ignored for digits. Warns when the counts differ from DATASETS.md.
+    ignored for digits. Warns when the counts differ from docs/DATASETS.md.
     """
     if name not in SPLITS:
         raise ValueError(f"build_dataset: unknown dataset {name!r}, expected one of {sorted(SPLITS)}")
@@ -382,7 +355,7 @@ def _warn_counts(dataset: RetrievalDataset, name: str, split: str, root: Path | 
     images, classes = EXPECTED_COUNTS[name][split]
     if (len(dataset), dataset.num_classes) != (images, classes):
         warnings.warn(f"{name} {split} under {root}: found {len(dataset)} images of {dataset.num_classes} "
-                      f"classes, DATASETS.md says {images} images of {classes} classes (a truncated download "
+                      f"classes, docs/DATASETS.md says {images} images of {classes} classes (a truncated download "
                       f"is the usual cause; `python data.py check {name} --root {root}` lists problems)",
                       stacklevel=3)
 
@@ -508,6 +481,10 @@ class MPerClassSampler:
 
 # ----------------------------------------------------------------------------- transforms
 
+BNINCEPTION_MEAN_BGR = (104.0, 117.0, 128.0)  # Caffe convention: BGR, 0-255, std 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class CaffeBGR:
     """RGB (3, H, W) tensor in 0-255 (uint8) -> float BGR minus the Caffe mean (BN-Inception's input)."""
@@ -563,6 +540,29 @@ def build_transform(style: str, train: bool, crop_size: int = 227, resize: int =
 
 
 # ----------------------------------------------------------------------------- download and check
+
+# name -> (address, archive file name, MD5); only these two are still publicly downloadable.
+ARCHIVES = {
+    "cub": ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+            "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78"),
+    "sop": ("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+            "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),
+}
+
+MANUAL_STEPS = {
+    "cars": """Cars196 cannot be downloaded automatically: its original addresses are gone.
+Put ONE of these layouts under --root (all three are read; the split is by class, 1-98 / 99-196):
+  1. original: car_ims/000001.jpg ... and cars_annos.mat
+     (car_ims.tgz MD5 d5c8f0aa497503f355e17dc7886c3f14, cars_annos.mat MD5 b407c6086d669747186bd1d764ff9dbc)
+  2. devkit / torchvision: cars_train/, cars_test/, devkit/cars_train_annos.mat and
+     cars_test_annos_withlabels.mat (beside devkit/ or inside it)
+  3. class folders: names.csv, anno_train.csv, anno_test.csv, car_data/car_data/{train,test}/<class>/
+Then run: python data.py check cars --root DIR""",
+    "inshop": """In-Shop Clothes Retrieval needs a sign-in: download it by hand from
+  https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html
+Put Eval/list_eval_partition.txt and Img/img.zip under --root, unzip Img/img.zip inside Img/
+(giving Img/img/WOMEN/... and Img/img/MEN/...), then run: python data.py check inshop --root DIR""",
+}
 
 
 def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -670,12 +670,12 @@ def check(name: str, root: str | os.PathLike | None, workers: int = 8) -> list[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download or check a retrieval benchmark (DATASETS.md).")
+    parser = argparse.ArgumentParser(description="Download or check a retrieval benchmark (docs/DATASETS.md).")
     parser.add_argument("command", choices=("download", "check"))
     parser.add_argument("name", choices=sorted(SPLITS))
     parser.add_argument("--root", default="data", help="folder the archive is (or will be) extracted into")
     parser.add_argument("--url", help="download from this address instead (a mirror)")
-    parser.add_argument("--md5", help="expected MD5 of the archive instead of the one in DATASETS.md")
+    parser.add_argument("--md5", help="expected MD5 of the archive instead of the one in docs/DATASETS.md")
     args = parser.parse_args(argv)
     if args.command == "download":
         if args.name == "digits":

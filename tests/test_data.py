@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 
-COUNT_WARNING = "DATASETS.md says"
+COUNT_WARNING = "docs/DATASETS.md says"
 
 
 def write_image(path: Path, kind: str = "rgb", seed: int = 0, size=(24, 16)) -> Path:
