@@ -5,7 +5,8 @@ Owns:
   three on-disk layouts, Stanford Online Products, In-Shop) plus `digits`, scikit-learn's bundled
   8×8 handwritten digits, the embedded set of the demo and the tests (no download);
 - the class-disjoint zero-shot splits and the MLRC folds of the training classes (PAPER.md §7);
-- the m-per-class batch sampler, and its one-image-per-class mode (m = 1) for the baselines (§4);
+- the m-per-class batch sampler (the authors' rounds over the classes, or independent draws), and
+  its one-image-per-class mode (m = 1) for the baselines (§4, §7);
 - train/eval transforms for BN-Inception (BGR, 0–255) and ResNet-50 (ImageNet mean/std);
 - `python data.py download NAME --root DIR` and `python data.py check NAME --root DIR`.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import hashlib
 import operator
 import os
@@ -400,6 +402,11 @@ def mlrc_folds(class_ids: Sequence[int], n_folds: int = 4) -> list[tuple[list[in
 
 # ----------------------------------------------------------------------------- sampler
 
+SAMPLER_ORDERS = ("rounds", "independent")
+# spawn keys that keep the round and queue streams apart from the batch stream [seed, epoch, b]:
+# SeedSequence pads short entropy with zeros, so [seed, r] alone would equal [seed, r, 0]
+_ROUNDS, _QUEUES = 1, 2
+
 
 def _draw_distinct(bits: np.random.PCG64, population: np.ndarray, k: int) -> np.ndarray:
     # partial Fisher-Yates on PCG64's raw stream: a stable stream, unlike Generator methods (NEP 19);
@@ -412,17 +419,48 @@ def _draw_distinct(bits: np.random.PCG64, population: np.ndarray, k: int) -> np.
     return pool[:k]
 
 
-class MPerClassSampler:
-    """Batch sampler: `length` batches per epoch of `classes_per_batch` distinct classes × m items.
+def _permutation(seed: int, key: tuple[int, ...], domain: int, n: int) -> np.ndarray:
+    """A shuffle of range(n), a pure function of (seed, key, domain)."""
+    # the ranks of n raw 64-bit draws: vectorised (a round of SOP shuffles ~11k classes) and stable
+    # across numpy versions; ties (probability < n²/2**65) fall back to index order
+    bits = np.random.PCG64(np.random.SeedSequence([seed, *key], spawn_key=(domain,)))
+    return np.argsort(bits.random_raw(n), kind="stable")
 
-    A batch is a list of (index, augmentation seed) keys for RetrievalDataset. A class's m items
-    are distinct when it has at least m, drawn with replacement otherwise; m = 1 gives the
-    one-image-per-class batches of the baselines (PAPER.md §4). Batch b of epoch e is a pure
-    function of (seed, e, b). Call set_epoch before every epoch; the iteration itself changes
-    nothing, so the same state always yields the same batches.
+
+@functools.lru_cache(maxsize=2)  # a round lasts ~C/P batches (1,400 for SOP): shuffle it once, not per batch
+def _round_order(seed: int, r: int, n_classes: int) -> np.ndarray:
+    order = _permutation(seed, (r,), _ROUNDS, n_classes)
+    order.flags.writeable = False  # the cached array is shared by every caller
+    return order
+
+
+class MPerClassSampler:
+    """Batch sampler: `length` batches per epoch of `classes_per_batch` class visits × m items.
+
+    A batch is a list of (index, augmentation seed) keys for RetrievalDataset, m consecutive keys
+    per visited class; m = 1 gives the one-image-per-class batches of the baselines (PAPER.md §4).
+    Batch b of epoch e is a pure function of (seed, e, b) (no state is carried between batches),
+    so a run resumed at any batch continues exactly. Call set_epoch before every epoch.
+
+    order="rounds" (default, the authors' sampler, PAPER.md §7): with P = classes_per_batch and
+    global batch number g = e·length + b, batch g visits class slots g·P … g·P+P−1 of an endless
+    sequence of rounds, round r being a shuffle of all C classes seeded by (seed, r). Every class
+    is thus visited once per round before any class repeats. The visit of class c in round r takes
+    images r·m … r·m+m−1 of c's endless queue, the concatenation of shuffles of its images seeded
+    by (seed, c, cycle): no image repeats before the class is exhausted (m images that span a
+    refill may: the next shuffle is independent), and a class with fewer than m images wraps
+    into its next shuffle. A batch that straddles two rounds may visit one class twice (its last
+    visit of round r and its first of round r+1: the next 2m images of its queue), as the
+    authors' sampler does; the slots are never reordered, so the rounds stay exact.
+
+    order="independent": every batch draws P distinct classes and m distinct images of each
+    (with replacement when a class has fewer than m) afresh from the batch's own stream.
+
+    The augmentation seeds come from the batch's own stream PCG64(SeedSequence([seed, e, b])).
     """
 
-    def __init__(self, labels: Sequence[int], m: int, classes_per_batch: int, length: int, seed: int) -> None:
+    def __init__(self, labels: Sequence[int], m: int, classes_per_batch: int, length: int, seed: int,
+                 *, order: str = "rounds") -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"MPerClassSampler: labels must be a 1-D sequence of ints, got shape "
@@ -436,8 +474,8 @@ class MPerClassSampler:
                              f"only {len(classes)} classes")
         self.members = [np.flatnonzero(labels == c) for c in classes]
         self.m, self.classes_per_batch, self.length = m, classes_per_batch, length
-        self.seed, self.epoch, self.start = 0, 0, 0
-        self.load_state_dict({"seed": seed, "epoch": 0, "start": 0})
+        self.seed, self.epoch, self.start, self.order = 0, 0, 0, order
+        self.load_state_dict({"seed": seed, "epoch": 0, "start": 0, "order": order})
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields batches start..length-1 of `epoch`."""
@@ -454,8 +492,39 @@ class MPerClassSampler:
             yield self.batch(self.epoch, b)
 
     def batch(self, epoch: int, b: int) -> list[tuple[int, int]]:
-        """Batch b of `epoch`: classes_per_batch classes, m (index, augmentation seed) keys each."""
+        """Batch b of `epoch`: classes_per_batch class visits, m (index, augmentation seed) keys each."""
+        if epoch < 0 or not 0 <= b < self.length:
+            raise ValueError(f"MPerClassSampler.batch: need epoch >= 0 and 0 <= b < {self.length}, "
+                             f"got epoch={epoch} b={b}")
         bits = np.random.PCG64(np.random.SeedSequence([self.seed, epoch, b]))
+        if self.order == "rounds":
+            indices = self._rounds_batch(epoch * self.length + b)
+        else:
+            indices = self._independent_batch(bits)
+        seeds = (bits.random_raw(len(indices)) >> np.uint64(1)).tolist()  # 63 bits: fits an int64
+        return list(zip(indices, seeds))
+
+    def _rounds_batch(self, g: int) -> list[int]:
+        # slots g·P … g·P+P−1; slot s is position s mod C of round s // C, the class's (s // C)-th visit
+        n_classes = len(self.members)
+        slots = range(g * self.classes_per_batch, (g + 1) * self.classes_per_batch)
+        rounds = {r: _round_order(self.seed, r, n_classes) for r in {s // n_classes for s in slots}}
+        indices = []
+        for slot in slots:
+            r, position = divmod(slot, n_classes)
+            indices += self._visit(int(rounds[r][position]), r)
+        return indices
+
+    def _visit(self, c: int, r: int) -> list[int]:
+        # queue positions r·m … r·m+m−1 of class c; queue position q is item q mod n of shuffle q // n
+        members, start = self.members[c], r * self.m
+        n = len(members)
+        cycles = range(start // n, (start + self.m - 1) // n + 1)
+        queue = np.concatenate([_permutation(self.seed, (c, cycle), _QUEUES, n) for cycle in cycles])
+        offset = start - cycles[0] * n
+        return members[queue[offset:offset + self.m]].tolist()
+
+    def _independent_batch(self, bits: np.random.PCG64) -> list[int]:
         indices = []
         for c in _draw_distinct(bits, np.arange(len(self.members)), self.classes_per_batch):
             members = self.members[c]
@@ -463,19 +532,21 @@ class MPerClassSampler:
                 indices += _draw_distinct(bits, members, self.m).tolist()
             else:
                 indices += members[bits.random_raw(self.m) % np.uint64(len(members))].tolist()
-        seeds = (bits.random_raw(len(indices)) >> np.uint64(1)).tolist()  # 63 bits: fits an int64
-        return list(zip(indices, seeds))
+        return indices
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "start": self.start}
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "order": self.order}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = {"seed", "epoch", "start"} - set(state)
+        """Adopt seed, order and position from `state`: they define the batches a resumed run continues."""
+        missing = {"seed", "epoch", "start", "order"} - set(state)
         if missing:
             raise ValueError(f"MPerClassSampler.load_state_dict: missing keys {sorted(missing)} in {sorted(state)}")
         if state["seed"] < 0:
             raise ValueError(f"MPerClassSampler: seed must be >= 0, got {state['seed']}")
-        self.seed = int(state["seed"])
+        if state["order"] not in SAMPLER_ORDERS:
+            raise ValueError(f"MPerClassSampler: order must be one of {SAMPLER_ORDERS}, got {state['order']!r}")
+        self.seed, self.order = int(state["seed"]), state["order"]
         self.set_epoch(state["epoch"], state["start"])
 
 

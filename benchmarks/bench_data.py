@@ -3,7 +3,8 @@
 Prints images/s of decode + augment (BN-Inception train transform, 227×227) + collate, through
 DataLoader with MPerClassSampler batches of 32 (8 classes × 4) and 0, 1, 2 workers, on generated
 JPEGs of ~500×375 (the size of CUB/Cars photos), then the time of one forward+backward of
-BN-Inception (frozen BatchNorm, 128-D embedding) at batch 32 on the same machine.
+BN-Inception (frozen BatchNorm, 128-D embedding) at batch 32 on the same machine. First, the
+sampler alone: milliseconds per batch of each order on SOP's training labels (the most classes).
 
     python benchmarks/bench_data.py [--images 256] [--batches 12] [--steps 3]
 """
@@ -45,6 +46,17 @@ def pipeline_throughput(dataset: data.RetrievalDataset, workers: int, batches: i
     return images / (time.perf_counter() - start)
 
 
+def sampler_milliseconds(order: str, batches: int = 200) -> float:
+    """Time per batch of MPerClassSampler on SOP-sized labels: 11,318 classes, 59,551 images."""
+    labels = np.random.default_rng(0).integers(0, 11318, 59551)
+    labels[:11318] = np.arange(11318)  # every class present
+    sampler = data.MPerClassSampler(labels, 4, 8, batches, seed=0, order=order)
+    start = time.perf_counter()
+    for _ in sampler:
+        pass
+    return (time.perf_counter() - start) / batches * 1000
+
+
 def bninception_step_seconds(steps: int) -> float | None:
     try:
         import model
@@ -72,6 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
+    for order in data.SAMPLER_ORDERS:
+        print(f"sampler, order={order}, SOP labels, batches of 8 classes x 4: "
+              f"{sampler_milliseconds(order):.2f} ms per batch")
     with tempfile.TemporaryDirectory() as tmp:
         paths = photo_like_jpegs(Path(tmp), args.images)
         size_kb = np.mean([Path(p).stat().st_size for p in paths]) / 1024

@@ -2,6 +2,7 @@
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
 import zipfile
@@ -334,10 +335,143 @@ def test_mlrc_folds_match_floor_linspace_and_partition_the_classes():
 
 
 LABELS = [0] * 10 + [1] * 3 + [2] * 6 + [3] * 5 + [4] * 8 + [5] * 1 + [6] * 7
+MEMBERS = [[i for i, label in enumerate(LABELS) if label == c] for c in range(7)]
 
 
-def test_sampler_batch_composition_and_without_replacement():
-    sampler = data.MPerClassSampler(LABELS, m=4, classes_per_batch=3, length=200, seed=3)
+def epochs_of(sampler, epochs):
+    """Every batch of `epochs` epochs, through set_epoch and iteration as train.py does."""
+    batches = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        batches += list(sampler)
+    return batches
+
+
+def visits(batch, m):
+    """[(class, indices)] of the blocks of m consecutive keys; each block must hold one class."""
+    blocks = [[i for i, _ in batch[k:k + m]] for k in range(0, len(batch), m)]
+    assert all(len({LABELS[i] for i in block}) == 1 for block in blocks)
+    return [(LABELS[block[0]], block) for block in blocks]
+
+
+def class_streams(batches, m):
+    """Per class, its images in the order the batches visit them."""
+    streams = {c: [] for c in range(len(MEMBERS))}
+    for batch in batches:
+        for c, block in visits(batch, m):
+            streams[c] += block
+    return streams
+
+
+def shuffle(seed, key, domain, n):
+    # the documented stream: the ranks of n raw draws of PCG64(SeedSequence([seed, *key], spawn_key=(domain,)))
+    raw = np.random.PCG64(np.random.SeedSequence([seed, *key], spawn_key=(domain,))).random_raw(n)
+    return sorted(range(n), key=lambda i: (int(raw[i]), i))
+
+
+def rounds_reference(m, classes_per_batch, seed, n_batches):
+    """The authors' sampler as a state machine: take classes from shuffled rounds, and each visit's
+    m images from the class's queue, refilled with its next shuffle only when empty."""
+    round_number, round_left = -1, []
+    queues, cycles = [[] for _ in MEMBERS], [0] * len(MEMBERS)
+    batches = []
+    for _ in range(n_batches):
+        batch = []
+        for _ in range(classes_per_batch):
+            if not round_left:
+                round_number += 1
+                round_left = shuffle(seed, (round_number,), 1, len(MEMBERS))
+            c = round_left.pop(0)
+            for _ in range(m):
+                if not queues[c]:
+                    queues[c] = [MEMBERS[c][k] for k in shuffle(seed, (c, cycles[c]), 2, len(MEMBERS[c]))]
+                    cycles[c] += 1
+                batch.append(queues[c].pop(0))
+        batches.append(batch)
+    return batches
+
+
+def independent_reference(m, classes_per_batch, seed, epoch, b):
+    """The independent draws written out with Python ints (data.py's only order before the rounds)."""
+    bits = np.random.PCG64(np.random.SeedSequence([seed, epoch, b]))
+
+    def shuffled_prefix(pool, k):
+        pool, raw = list(pool), [int(x) for x in bits.random_raw(k)]
+        for i in range(k):
+            j = i + raw[i] % (len(pool) - i)
+            pool[i], pool[j] = pool[j], pool[i]
+        return pool[:k]
+
+    indices = []
+    for c in shuffled_prefix(range(len(MEMBERS)), classes_per_batch):
+        if len(MEMBERS[c]) >= m:
+            indices += shuffled_prefix(MEMBERS[c], m)
+        else:
+            indices += [MEMBERS[c][int(x) % len(MEMBERS[c])] for x in bits.random_raw(m)]
+    return list(zip(indices, [int(x) >> 1 for x in bits.random_raw(len(indices))]))
+
+
+@pytest.mark.parametrize("m, classes_per_batch, length, seed", [(4, 3, 5, 3), (1, 4, 6, 0), (2, 7, 3, 2**40)])
+def test_rounds_equal_the_authors_state_machine(m, classes_per_batch, length, seed):
+    sampler = data.MPerClassSampler(LABELS, m, classes_per_batch, length, seed)
+    batches = epochs_of(sampler, 8)
+    assert [[i for i, _ in batch] for batch in batches] == rounds_reference(m, classes_per_batch, seed, 8 * length)
+
+
+def test_rounds_visit_every_class_once_per_round_across_epochs():
+    m, classes_per_batch = 2, 3  # 7 classes: most rounds end inside a batch
+    batches = epochs_of(data.MPerClassSampler(LABELS, m, classes_per_batch, 7, seed=5), 6)
+    sequence = [c for batch in batches for c, _ in visits(batch, m)]
+    rounds = [sequence[k:k + 7] for k in range(0, len(sequence), 7)]
+    assert len(rounds) == 18 and all(sorted(r) == list(range(7)) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 10  # each round is shuffled afresh
+    # the documented straddle: some batch visits a class twice, and the rounds above still hold
+    assert any(len({c for c, _ in visits(batch, m)}) < classes_per_batch for batch in batches)
+
+
+def test_rounds_queue_has_no_repeat_before_exhaustion_and_reshuffles():
+    m = 4  # classes 1 (3 images) and 5 (1 image) are smaller than m: their queues wrap within a visit
+    batches = epochs_of(data.MPerClassSampler(LABELS, m, 3, 10, seed=9), 7)
+    for c, stream in class_streams(batches, m).items():
+        n = len(MEMBERS[c])
+        cycles = [stream[k:k + n] for k in range(0, len(stream) - n + 1, n)]
+        assert len(cycles) >= 3 and all(sorted(cycle) == MEMBERS[c] for cycle in cycles)
+        if n >= 5:
+            assert len({tuple(cycle) for cycle in cycles}) > 1  # refilled with a new shuffle
+
+
+def test_rounds_batch_is_a_pure_function_of_seed_epoch_and_batch():
+    batches = epochs_of(data.MPerClassSampler(LABELS, 2, 3, 6, seed=4), 4)
+    fresh = data.MPerClassSampler(LABELS, 2, 3, 6, seed=4)
+    order = np.random.default_rng(0).permutation(24)
+    assert all(fresh.batch(g // 6, g % 6) == batches[g] for g in order)
+    # the classes and images depend on the global batch number g = epoch * length + b only
+    other = data.MPerClassSampler(LABELS, 2, 3, 4, seed=4)
+    for g in (0, 5, 13, 23):
+        assert [i for i, _ in other.batch(g // 4, g % 4)] == [i for i, _ in batches[g]]
+    # augmentation seeds: the batch's own stream PCG64(SeedSequence([seed, epoch, b]))
+    raw = np.random.PCG64(np.random.SeedSequence([4, 2, 1])).random_raw(6)
+    assert [s for _, s in batches[13]] == [int(x) >> 1 for x in raw]
+
+
+def test_one_image_per_class_rounds():
+    sampler = data.MPerClassSampler(LABELS, m=1, classes_per_batch=7, length=12, seed=0)
+    batches = list(sampler)
+    assert all(sorted(LABELS[i] for i, _ in batch) == list(range(7)) for batch in batches)
+    streams = class_streams(batches, 1)
+    assert sorted(streams[0][:10]) == MEMBERS[0] and sorted(streams[4][:8]) == MEMBERS[4]
+
+
+@pytest.mark.parametrize("m, classes_per_batch, length, seed", [(4, 3, 6, 3), (1, 7, 4, 0), (6, 2, 5, 2**40)])
+def test_independent_order_is_unchanged(m, classes_per_batch, length, seed):
+    sampler = data.MPerClassSampler(LABELS, m, classes_per_batch, length, seed, order="independent")
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        assert list(sampler) == [independent_reference(m, classes_per_batch, seed, epoch, b) for b in range(length)]
+
+
+def test_independent_batch_composition_and_without_replacement():
+    sampler = data.MPerClassSampler(LABELS, m=4, classes_per_batch=3, length=200, seed=3, order="independent")
     small_classes_seen = set()
     for batch in sampler:
         assert len(batch) == 12
@@ -355,43 +489,58 @@ def test_sampler_batch_composition_and_without_replacement():
     assert small_classes_seen == {1, 5}  # the with-replacement path ran for both short classes
 
 
-def test_sampler_is_a_pure_function_of_seed_and_epoch():
+@pytest.mark.parametrize("order", ["rounds", "independent"])
+def test_sampler_resumes_from_set_epoch_and_state_dict(order):
     np.random.seed(1)
-    first = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11)
+    first = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order)
     epoch0 = list(first)
     np.random.seed(2)
     torch.manual_seed(2)
-    second = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11)
+    second = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order)
     assert list(second) == epoch0 and list(first) == epoch0
     first.set_epoch(1)
     epoch1 = list(first)
     assert epoch1 != epoch0
     second.set_epoch(1, start=17)
     assert len(second) == 13 and list(second) == epoch1[17:]
-    resumed = data.MPerClassSampler(LABELS, 2, 4, 30, seed=0)
-    resumed.load_state_dict(second.state_dict())
-    assert resumed.state_dict() == {"seed": 11, "epoch": 1, "start": 17} and list(resumed) == epoch1[17:]
-    assert list(data.MPerClassSampler(LABELS, 2, 4, 30, seed=12)) != epoch0
+    other = "independent" if order == "rounds" else "rounds"
+    resumed = data.MPerClassSampler(LABELS, 2, 4, 30, seed=0, order=other)
+    resumed.load_state_dict(json.loads(json.dumps(second.state_dict())))
+    assert resumed.state_dict() == {"seed": 11, "epoch": 1, "start": 17, "order": order}
+    assert list(resumed) == epoch1[17:]
+    assert list(data.MPerClassSampler(LABELS, 2, 4, 30, seed=12, order=order)) != epoch0
 
 
-def test_sampler_one_per_class_mode_and_errors():
+def test_sampler_errors():
     sampler = data.MPerClassSampler(LABELS, m=1, classes_per_batch=7, length=20, seed=0)
-    for batch in sampler:
-        assert sorted(LABELS[i] for i, _ in batch) == list(range(7))
     with pytest.raises(ValueError, match="classes_per_batch=8 but the labels hold only 7 classes"):
         data.MPerClassSampler(LABELS, 1, 8, 20, seed=0)
+    with pytest.raises(ValueError, match=r"order must be one of \('rounds', 'independent'\), got 'random'"):
+        data.MPerClassSampler(LABELS, 1, 7, 20, seed=0, order="random")
     with pytest.raises(ValueError, match=r"0 <= start <= 20, got epoch=0 start=21"):
         sampler.set_epoch(0, 21)
-    with pytest.raises(ValueError, match=r"missing keys \['start'\]"):
+    with pytest.raises(ValueError, match=r"0 <= b < 20, got epoch=1 b=20"):
+        sampler.batch(1, 20)
+    with pytest.raises(ValueError, match=r"missing keys \['order', 'start'\]"):
         sampler.load_state_dict({"seed": 0, "epoch": 0})
+    with pytest.raises(ValueError, match="order must be one of"):
+        sampler.load_state_dict({"seed": 0, "epoch": 0, "start": 0, "order": "shuffled"})
+    assert sampler.state_dict()["order"] == "rounds"  # a refused state changes nothing
 
 
-def test_sampler_covers_classes_uniformly():
-    counts = np.zeros(7)
-    for batch in data.MPerClassSampler(LABELS, 1, 2, 3500, seed=5):
+@pytest.mark.parametrize("order", ["rounds", "independent"])
+def test_sampler_covers_classes_uniformly(order):
+    counts, first_of_round = np.zeros(7), np.zeros(7)
+    for g, batch in enumerate(data.MPerClassSampler(LABELS, 1, 2, 3500, seed=5, order=order)):
         for i, _ in batch:
             counts[LABELS[i]] += 1
-    assert np.abs(counts / counts.sum() - 1 / 7).max() < 0.02  # 7,000 draws: sd of each share ~0.004
+        if g % 7 == 0:  # in rounds order, slot 2g is the first of round 2g / 7
+            first_of_round[LABELS[batch[0][0]]] += 1
+    if order == "rounds":  # 3,500 batches of 2 visits = 1,000 whole rounds: exact counts
+        assert (counts == 1000).all()
+        assert np.abs(first_of_round / 500 - 1 / 7).max() < 0.06  # 500 rounds: sd of each share ~0.016
+    else:  # 7,000 draws: sd of each share ~0.004
+        assert np.abs(counts / counts.sum() - 1 / 7).max() < 0.02
 
 
 # ----------------------------------------------------------------------------- transforms
