@@ -1,16 +1,19 @@
 """Evaluation: from embeddings to the retrieval metrics of PAPER.md §6.
 
 Owns embedding extraction (`embed`), exact k-nearest-neighbour retrieval metrics with faiss
-(`retrieval_metrics`: P@1, R@k, P@R, MAP@R as defined by MLRC, PAPER.md §6-7), the NMI of a
+(`retrieval_metrics`: P@1, R@k, P@R, MAP@R as defined by MLRC, PAPER.md §6-7; exact ties between
+identical embeddings counted in expectation, so the order of the data never matters), the NMI of a
 k-means clustering (`nmi`), the concatenated ensemble behind the paper's 512-D numbers
-(`ensemble`, PAPER.md §7) and a text table of the results (`format_table`).
+(`ensemble`, MLRC's or the authors', PAPER.md §7) and a text table of the results (`format_table`).
 
 The file stands alone (standard library, numpy, torch, faiss, scikit-learn only) so that it can be
-copied into another project. Embeddings are used exactly as given: the caller applies the paper's
-normalisation n(x) (PAPER.md §3) first.
+copied into another project. Embeddings are (N, d) float arrays or tensors and labels (N,)
+integers; embeddings are used exactly as given: the caller applies the paper's normalisation n(x)
+(PAPER.md §3) first. NaN or inf in any input is a ValueError naming the argument and the row.
 """
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -34,16 +37,22 @@ def _as_embeddings(x: Embeddings, name: str, where: str) -> np.ndarray:
         array = np.asarray(x)
         if array.dtype.kind not in "fiu":
             raise ValueError(f"{where}: {name} must hold real numbers, got dtype {array.dtype}")
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, reported below
+            array = np.ascontiguousarray(array, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"{where}: {name} must be 2-D (N, d), got shape {tuple(array.shape)}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{where}: {name} is empty: shape {tuple(array.shape)}")
-    bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-    if len(bad_rows):
-        raise ValueError(f"{where}: {name} has {len(bad_rows)} rows with NaN or inf in float32 "
-                         f"(first at row {bad_rows[0]})")
+    _check_finite_rows(np.isfinite(array).all(axis=1), name, array.shape, where, " (as float32)")
     return array
+
+
+def _check_finite_rows(finite: np.ndarray, name: str, shape: tuple[int, ...], where: str, note: str = "") -> None:
+    """ValueError naming the rows of `name` that hold NaN or inf (finite: one flag per row)."""
+    bad_rows = np.flatnonzero(~finite)
+    if len(bad_rows):
+        raise ValueError(f"{where}: {name} of shape {tuple(shape)} has {len(bad_rows)} row(s) with NaN or inf"
+                         f"{note}, the first at row {bad_rows[0]}")
 
 
 def _as_labels(y: Embeddings, n: int, name: str, where: str) -> np.ndarray:
@@ -83,6 +92,16 @@ def _unit_rows(x: np.ndarray, name: str, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- retrieval (§6)
+#
+# Exact ties. Identical embeddings (duplicate images, a partly collapsed model) are at exactly equal
+# distances from every query, and an exact search ranks such ties by index: with data sorted by
+# label a query's own class would come first and inflate every metric. Here the search runs over
+# the distinct reference vectors, each standing for all its copies (a "group" of tied references),
+# and every metric is its exact expectation over a uniformly random order of the copies within each
+# group: a tie counts as what it is worth by chance, however the data are ordered. The distinct
+# vectors are held in byte order, which depends on their values alone, so even an exact float32
+# tie between two different vectors (a rounding coincidence) falls the same way whatever the order
+# or the labels of the data.
 
 def _class_codes(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Labels as shared compact int32 codes 0..C-1 (cheap to count and to gather), and C."""
@@ -97,61 +116,207 @@ def _reference_counts(query_codes: np.ndarray, gallery_codes: np.ndarray, n_clas
     return np.bincount(gallery_codes, minlength=n_classes)[query_codes] - self_retrieval
 
 
-def _drop_self(neighbours: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
-    """Remove each query's own index from its k + 1 neighbours, wherever it sits.
-
-    Usually the query is its own nearest neighbour; among exact duplicates faiss may rank it
-    anywhere, or (when more than k + 1 points tie) not return it at all: then the farthest goes.
-    """
-    kept = neighbours[:, 1:]
-    rows = np.flatnonzero(neighbours[:, 0] != query_ids)  # only these need a closer look
-    if len(rows):
-        k = kept.shape[1]
-        is_self = neighbours[rows] == query_ids[rows, None]
-        position = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
-        # columns before the query's own position stay, those after it move one to the left
-        kept[rows] = np.where(np.arange(k) < position[:, None], neighbours[rows, :-1], neighbours[rows, 1:])
-    return kept
+def _distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of `x` in byte order, the index of every row among them, and their counts."""
+    rows = x + np.float32(0)  # -0.0 becomes +0.0: equal values get equal bytes
+    order = np.argsort(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))[:, 0], kind="stable")
+    ordered = rows[order]
+    new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]  # (np.unique compares rows far more slowly)
+    inverse = np.empty(len(rows), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    return ordered[starts], inverse, np.diff(np.r_[starts, len(rows)])
 
 
-def _nearest_neighbours(query: np.ndarray, references: np.ndarray, k: int, metric: str,
-                        query_ids: np.ndarray | None) -> np.ndarray:
-    """(n, k) indices of each query's k nearest references, nearest first (exact search).
+def _check_not_collapsed(x: np.ndarray, name: str, where: str) -> None:
+    """ValueError when the rows of `x` (two or more) are all equal up to float32 rounding."""
+    high, low = x.max(axis=0), x.min(axis=0)
+    if len(x) > 1 and (high - low).max() <= 1e-6 * max(high.max(), -low.min()):
+        raise ValueError(f"{where}: all {len(x)} rows of {name} (shape {tuple(x.shape)}) are identical: the model "
+                         f"has collapsed to a single embedding, and retrieval would only rank ties")
 
-    query_ids: in self-retrieval, each query's row in `references`, which is excluded.
-    """
+
+def _nearest_neighbours(query: np.ndarray, references: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """(n, k) indices of each query's k nearest references, nearest first (exact search)."""
     index = faiss.IndexFlatL2(references.shape[1]) if metric == "l2" else faiss.IndexFlatIP(references.shape[1])
     index.add(references)
-    if query_ids is None:
-        neighbours = index.search(query, k)[1]
-    else:
-        neighbours = _drop_self(index.search(query, k + 1)[1], query_ids)
+    neighbours = index.search(query, k)[1]
     if (neighbours < 0).any():  # faiss pads with -1 when distances overflow float32
         raise ValueError("retrieval_metrics: faiss found fewer than k neighbours; are the embeddings "
                          "too large for float32 distances?")
     return neighbours
 
 
-def _first_hit_rank(hits: np.ndarray) -> np.ndarray:
-    """0-based rank of each query's first correct neighbour (k when there is none)."""
-    return np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])
+class _Ranking(NamedTuple):
+    """The scored queries' nearest groups of identical references (see the note above), nearest first.
+
+    Identical queries of one class score identically, so each (distinct query, class) pair is ranked
+    once and weighted by its number of queries; rows below are such pairs.
+    """
+    neighbours: np.ndarray  # (pairs, k): the distinct references, one per group
+    own: np.ndarray  # (pairs,): position of the query's own group in self-retrieval, else (or if not found) k
+    classes: np.ndarray  # (pairs,): the query's class code
+    r: np.ndarray  # (pairs,): R, the references of the query's class
+    weight: np.ndarray  # (pairs,): queries per pair
+    multiplicity: np.ndarray  # (distinct references,): copies of each
+    shared_class: np.ndarray  # (distinct references,): the class all its copies have, or -1 if they mix
+    keys: np.ndarray  # sorted reference·C + class of every (distinct reference, class) pair present ...
+    counts: np.ndarray  # ... and its number of copies
+    n_classes: int
 
 
-def _hits_within_r(hits: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """[i-th neighbour is correct] for i <= R, zero beyond each query's R."""
-    max_r = int(r.max())
-    return hits[:, :max_r] & (np.arange(max_r) < r[:, None])
+def _rank(query: np.ndarray, query_codes: np.ndarray, gallery: np.ndarray, gallery_codes: np.ndarray,
+          n_classes: int, self_retrieval: bool, ks: tuple[int, ...], metric: str) -> _Ranking:
+    """Search every scored query's nearest groups: as many as its R and every recall k need."""
+    distinct_queries = _distinct_rows(query)
+    queries, query_of_row, _ = distinct_queries
+    references, reference_of_row, multiplicity = distinct_queries if self_retrieval else _distinct_rows(gallery)
+    r = _reference_counts(query_codes, gallery_codes, n_classes, self_retrieval)
+    scored = np.flatnonzero(r > 0)
+    if len(scored) == 0:
+        raise ValueError(f"retrieval_metrics: none of the {len(query)} queries has a reference of its class")
+    pair, first, weight = np.unique(query_of_row[scored].astype(np.int64) * n_classes + query_codes[scored],
+                                    return_index=True, return_counts=True)
+    pair_query, pair_class = np.divmod(pair, n_classes)
+    r = r[scored[first]]
+    # k covers every R (so P@R and MAP@R are never truncated) and every recall k; every group holds at
+    # least one reference, except the query's own group in self-retrieval, which may hold only itself
+    k_searched = min(max((int(r.max()), *ks)), len(gallery) - self_retrieval)
+    k_groups = min(k_searched + self_retrieval, len(references))
+    searched, row_of_pair = np.unique(pair_query, return_inverse=True)
+    neighbours = _nearest_neighbours(queries[searched], references, k_groups, metric)
+    if len(searched) < len(pair):
+        neighbours = neighbours[row_of_pair]
+    own = _own_group(neighbours, pair_query) if self_retrieval else np.full(len(pair), k_groups)
+    return _Ranking(neighbours, own, pair_class.astype(np.int32), r, weight, multiplicity.astype(np.int32),
+                    *_classes_of_copies(reference_of_row, gallery_codes, n_classes, len(references)), n_classes)
 
 
-def _r_precision(hits_r: np.ndarray, r: np.ndarray) -> np.ndarray:
-    # P@R = (1/R) sum_{i<=R} [i-th is correct]
-    return hits_r.sum(axis=1) / r
+def _classes_of_copies(reference_of_row: np.ndarray, gallery_codes: np.ndarray, n_classes: int,
+                       n_references: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_Ranking's shared_class, keys and counts: the classes of the copies of each distinct reference."""
+    keys, counts = np.unique(reference_of_row.astype(np.int64) * n_classes + gallery_codes, return_counts=True)
+    reference, code = np.divmod(keys, n_classes)
+    single = np.bincount(reference)[reference] == 1
+    shared_class = np.full(n_references, -1, np.int32)
+    shared_class[reference[single]] = code[single]
+    return shared_class, keys, counts.astype(np.int32)
 
 
-def _map_at_r(hits_r: np.ndarray, r: np.ndarray) -> np.ndarray:
-    # MAP@R = (1/R) sum_{i<=R} P(i) [i-th is correct],  P(i) = (1/i) sum_{j<=i} [j-th is correct]
-    precision_at_i = np.cumsum(hits_r, axis=1, dtype=np.int32) / np.arange(1, hits_r.shape[1] + 1)
-    return (precision_at_i * hits_r).sum(axis=1) / r
+def _own_group(neighbours: np.ndarray, pair_query: np.ndarray) -> np.ndarray:
+    """Where each query's own distinct vector is among its neighbours: nearly always first (distance 0),
+    but rounding may put a near-identical vector ahead; k where it was not returned at all."""
+    own = np.zeros(len(neighbours), np.int64)
+    rows = np.flatnonzero(neighbours[:, 0] != pair_query)
+    if len(rows):
+        is_own = neighbours[rows] == pair_query[rows, None]
+        own[rows] = np.where(is_own.any(axis=1), is_own.argmax(axis=1), neighbours.shape[1])
+    return own
+
+
+def _copies_of_class(ranking: _Ranking, groups: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For an (n, m) block of groups of the given rows: how many copies have the row's query class."""
+    classes = ranking.classes[rows, None]
+    shared = ranking.shared_class[groups]
+    copies = np.where(shared == classes, ranking.multiplicity[groups], 0)
+    mixed = shared < 0  # copies in several classes: look up the (reference, class) count
+    if mixed.any():
+        wanted = groups[mixed] * ranking.n_classes + np.broadcast_to(classes, groups.shape)[mixed]
+        at = np.searchsorted(ranking.keys, wanted).clip(max=len(ranking.keys) - 1)
+        copies[mixed] = np.where(ranking.keys[at] == wanted, ranking.counts[at], 0)
+    return copies
+
+
+def _group_counts(ranking: _Ranking, positions: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """n_j and h_j (copies, correct copies) of the groups at `positions` (n, m) of the given rows; the
+    query itself is a copy of its class in its own group, but not a reference."""
+    groups = ranking.neighbours[rows[:, None], positions]
+    own = positions == ranking.own[rows, None]
+    return ranking.multiplicity[groups] - own, _copies_of_class(ranking, groups, rows) - own
+
+
+def _first_correct_group(ranking: _Ranking) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: the positions ranked ahead of its first group with a correct reference, and that
+    group's n and h (none among the groups searched: every recall window ends ahead of it)."""
+    neighbours, own = ranking.neighbours, ranking.own
+    all_rows = np.arange(len(neighbours))
+    gathered = ranking.shared_class[neighbours]
+    correct = gathered == ranking.classes[:, None]
+    if (ranking.shared_class < 0).any():  # references whose copies mix classes are looked up
+        rows, j = np.nonzero(gathered < 0)
+        correct[rows, j] = _copies_of_class(ranking, neighbours[rows, j, None], rows)[:, 0] > 0
+    rows = np.flatnonzero(own < neighbours.shape[1])  # the own group is correct only if it holds another copy
+    correct[rows, own[rows]] = _group_counts(ranking, own[rows, None], rows)[1][:, 0] > 0
+    first = np.argmax(correct, axis=1)
+    n, h = (v[:, 0] for v in _group_counts(ranking, first[:, None], all_rows))
+    # positions ahead: one per group before it, plus the extra copies of repeated references, less the query
+    ahead = first - (own < first)
+    if (ranking.multiplicity > 1).any():
+        extra = (ranking.multiplicity - 1)[neighbours]
+        ahead += np.where(np.arange(neighbours.shape[1]) < first[:, None], extra, 0).sum(axis=1)
+    return np.where(correct.any(axis=1), ahead, np.iinfo(np.int64).max // 2), n, h
+
+
+def _fraction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b, and 0 where b = 0 (an empty group)."""
+    return np.divide(a, b, out=np.zeros(a.shape), where=b > 0)
+
+
+def _log_factorial(n: np.ndarray) -> np.ndarray:
+    return torch.lgamma(torch.from_numpy(n + 1.0)).numpy()  # log n! = log Γ(n + 1)
+
+
+def _no_hit_probability(n: np.ndarray, h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    # C(n - h, s) / C(n, s): the first s of n tied copies (h correct), in random order, are all wrong
+    p = ((s == 0) | (h == 0)).astype(np.float64)
+    partial = (s > 0) & (h > 0) & (s <= n - h)
+    n, h, s = (v[partial].astype(np.float64) for v in (n, h, s))
+    p[partial] = np.exp(_log_factorial(n - h) - _log_factorial(n - h - s) - _log_factorial(n) + _log_factorial(n - s))
+    return p
+
+
+def _recall_at(k: int, first: tuple[np.ndarray, ...]) -> np.ndarray:
+    # R@k = 1 - P(none of the first k is correct) = 1 - P(the first correct group's copies within k are all wrong)
+    ahead, n, h = first
+    return 1.0 - _no_hit_probability(n, h, np.clip(k - ahead, 0, n))
+
+
+def _r_precision(copies: np.ndarray, hits: np.ndarray, inside: np.ndarray, r: np.ndarray) -> np.ndarray:
+    # P@R = E[#correct among the first R] / R, group j adding s_j h_j / n_j (s_j of its copies lie within R)
+    return (inside * _fraction(hits, copies)).sum(axis=1) / r
+
+
+def _map_at_r(copies: np.ndarray, hits: np.ndarray, before: np.ndarray, inside: np.ndarray,
+              r: np.ndarray) -> np.ndarray:
+    # MAP@R = (1/R) sum_{i<=R} E[P(i) [i-th is correct]],  P(i) = (1/i) #correct among the first i.
+    # Group j (n copies at positions a+1..a+n, h correct, c correct ahead of it), its first s within R:
+    #   sum_{t<=s} E[[a+t correct] (c + #correct in a+1..a+t)] / (a+t) = (c+1)(h/n) S1 + h(h-1)/(n(n-1)) S2,
+    #   S1 = sum_{t<=s} 1/(a+t) = H(a+s) - H(a) (harmonic numbers),  S2 = sum_{t<=s} (t-1)/(a+t) = s - (a+1) S1
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(r.max()) + 1))])
+    a = np.minimum(before, len(harmonic) - 1)  # a group beyond R has s = 0 and adds nothing
+    s1 = harmonic[a + inside] - harmonic[a]
+    s2 = inside - (a + 1) * s1
+    correct_ahead = np.cumsum(hits, axis=1, dtype=np.int32) - hits
+    both_correct = _fraction(hits * (hits - 1.0), copies * (copies - 1.0))  # in float: no int32 overflow
+    return ((correct_ahead + 1) * _fraction(hits, copies) * s1 + both_correct * s2).sum(axis=1) / r
+
+
+def _expected_metrics(ranking: _Ranking, ks: tuple[int, ...]) -> dict[str, float]:
+    """P@1, R@k, P@R and MAP@R, each averaged over the scored queries."""
+    def mean(values: np.ndarray) -> float:
+        return float(np.average(values, weights=ranking.weight))
+
+    first_correct = _first_correct_group(ranking)
+    metrics = {"P@1": mean(_recall_at(1, first_correct))}
+    metrics.update({f"R@{k}": mean(_recall_at(k, first_correct)) for k in ks})
+    r, rows = ranking.r, np.arange(len(ranking.r))
+    g = int(min(ranking.neighbours.shape[1], r.max() + 1))  # R + 1 groups hold the first R positions
+    copies, hits = _group_counts(ranking, np.arange(g)[None, :], rows)
+    before = np.cumsum(copies, axis=1) - copies  # a_j: positions ranked ahead of group j
+    inside = np.clip(r[:, None] - before, 0, copies)  # s_j: copies of group j among the first R
+    metrics["P@R"] = mean(_r_precision(copies, hits, inside, r))
+    metrics["MAP@R"] = mean(_map_at_r(copies, hits, before, inside, r))
+    return metrics
 
 
 def retrieval_metrics(query: Embeddings, query_labels: Embeddings,
@@ -159,10 +324,15 @@ def retrieval_metrics(query: Embeddings, query_labels: Embeddings,
                       recall_ks: Sequence[int] = (1, 2, 4, 8), metric: str = "l2") -> dict[str, float]:
     """P@1, R@k, P@R and MAP@R of exact k-NN retrieval (PAPER.md §6).
 
-    Without a gallery, each query retrieves among all other queries (itself excluded by index, so
-    an exact duplicate is still a neighbour). A query whose class has no reference (R = 0) is left
-    out of every metric and counted under "queries_without_match". metric: "l2" (Euclidean) or
-    "cosine" (inner product of L2-normalised copies).
+    Without a gallery, each query retrieves among all other queries (itself excluded, so an exact
+    duplicate is still a neighbour). A query whose class has no reference (R = 0) is left out of every
+    metric and counted under "queries_without_match". metric: "l2" (Euclidean) or "cosine" (inner
+    product of L2-normalised copies).
+
+    Ties: references with identical embeddings are ranked in a uniformly random order, and each metric
+    is its exact expectation over those orders (e.g. P@1 = 1/3 for a query whose nearest embedding is
+    shared by three references, one of its class); the result never depends on the order of the data.
+    All query (or all reference) embeddings identical is a ValueError: the model has collapsed.
     """
     where = "retrieval_metrics"
     ks = _as_recall_ks(recall_ks, where)
@@ -185,26 +355,14 @@ def retrieval_metrics(query: Embeddings, query_labels: Embeddings,
     if metric == "cosine":
         query = _unit_rows(query, "query", where)
         gallery = query if self_retrieval else _unit_rows(gallery, "gallery", where)
+    _check_not_collapsed(query, "query", where)
+    if not self_retrieval:
+        _check_not_collapsed(gallery, "gallery", where)
 
     query_codes, gallery_codes, n_classes = _class_codes(query_labels, gallery_labels)
-    r = _reference_counts(query_codes, gallery_codes, n_classes, self_retrieval)
-    scored = np.flatnonzero(r > 0)
-    if len(scored) == 0:
-        raise ValueError(f"{where}: none of the {len(query)} queries has a reference of its class")
-    # k covers every R (so P@R and MAP@R are never truncated) and every recall k
-    k_searched = min(max((int(r.max()), *ks)), len(gallery) - self_retrieval)
-    neighbours = _nearest_neighbours(query[scored], gallery, k_searched, metric,
-                                     scored if self_retrieval else None)
-    hits = gallery_codes[neighbours] == query_codes[scored, None]  # (n, k): [i-th has the query's class]
-    r = r[scored]
-
-    first_hit = _first_hit_rank(hits)
-    hits_r = _hits_within_r(hits, r)
-    metrics = {"P@1": float(np.mean(first_hit == 0))}
-    metrics.update({f"R@{k}": float(np.mean(first_hit < k)) for k in ks})  # any of the k nearest correct
-    metrics["P@R"] = float(np.mean(_r_precision(hits_r, r)))
-    metrics["MAP@R"] = float(np.mean(_map_at_r(hits_r, r)))
-    metrics["queries_without_match"] = len(query) - len(scored)
+    ranking = _rank(query, query_codes, gallery, gallery_codes, n_classes, self_retrieval, ks, metric)
+    metrics = _expected_metrics(ranking, ks)
+    metrics["queries_without_match"] = len(query) - int(ranking.weight.sum())
     return metrics
 
 
@@ -268,9 +426,27 @@ def embed(model: torch.nn.Module, loader: Iterable,
     return torch.cat(embeddings), torch.cat(labels)
 
 
-def ensemble(parts: Sequence[Embeddings]) -> Embeddings:
-    """Concatenation of each part L2-normalised (MLRC's ensemble, PAPER.md §7): 4 x 128-D -> 512-D.
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1)  # x / max(||x||, 1e-12) per row
 
+
+def _normalized(normalize: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, what: str) -> torch.Tensor:
+    out = normalize(x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"ensemble: normalize must return a tensor shaped like its input; for {what} of shape "
+                         f"{tuple(x.shape)} it returned {got}")
+    return out
+
+
+def ensemble(parts: Sequence[Embeddings],
+             normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Embeddings:
+    """The embeddings of several models as one, e.g. 4 x 128-D -> 512-D (PAPER.md §7).
+
+    normalize=None: the concatenation of the parts, each L2-normalised (MLRC's ensemble).
+    normalize=n: n(concat(n(f_1), ..., n(f_m))), the authors' ensemble with the run's normalisation n
+    (a row-wise map of torch tensors, e.g. x / max(1, ||x||), PAPER.md §3); it differs from the
+    default wherever n leaves a row off the unit sphere.
     Returns a numpy array when every part is one, otherwise a torch tensor.
     """
     if len(parts) == 0:
@@ -278,13 +454,17 @@ def ensemble(parts: Sequence[Embeddings]) -> Embeddings:
     tensors = [part if isinstance(part, torch.Tensor) else torch.as_tensor(np.asarray(part)) for part in parts]
     for i, t in enumerate(tensors):
         if t.ndim != 2:
-            raise ValueError(f"ensemble: part {i} must be 2-D (N, d), got shape {tuple(t.shape)}")
+            raise ValueError(f"ensemble: parts[{i}] must be 2-D (N, d), got shape {tuple(t.shape)}")
         if len(t) != len(tensors[0]):
-            raise ValueError(f"ensemble: every part needs the same N; part 0 has {len(tensors[0])} rows, "
-                             f"part {i} has {len(t)}")
+            raise ValueError(f"ensemble: every part needs the same N; parts[0] has {len(tensors[0])} rows, "
+                             f"parts[{i}] has {len(t)}")
         if t.device != tensors[0].device:
-            raise ValueError(f"ensemble: part 0 is on {tensors[0].device} but part {i} is on {t.device}")
-    joined = torch.cat([F.normalize(t, dim=1) for t in tensors], dim=1)
+            raise ValueError(f"ensemble: parts[0] is on {tensors[0].device} but parts[{i}] is on {t.device}")
+        _check_finite_rows(torch.isfinite(t).all(dim=1).cpu().numpy(), f"parts[{i}]", t.shape, "ensemble")
+    per_part = _l2_normalize if normalize is None else normalize
+    joined = torch.cat([_normalized(per_part, t, f"parts[{i}]") for i, t in enumerate(tensors)], dim=1)
+    if normalize is not None:
+        joined = _normalized(normalize, joined, "the concatenation")
     return joined.numpy() if not any(isinstance(part, torch.Tensor) for part in parts) else joined
 
 

@@ -1,34 +1,59 @@
-"""Proxy (re-)initialisation by greedy k-center, and the coverage statistics it is judged by.
+"""Proxy (re-)initialisation by greedy k-center, the candidate pools it picks from, and the coverage
+statistics it is judged by.
 
 PAPER.md §5: between problem instances every class gets K new proxies, chosen greedily among b
 raw embeddings f(x) of its own training images (the candidate pool) so that each new proxy is as
 far as possible from the converged proxies P* and from the proxies already chosen. The covering
 radius (largest distance from a sample to the nearest proxy of its class) is the quantity the
-paper's bound depends on; its figures report it beside the mean inter-class distance.
+paper's bound depends on; its figures report it beside the mean inter-class distance. The pools
+come from one run-long stream of images per class (PAPER.md §7), so successive re-selections see
+different images of a class.
 
-Layout (DESIGN.md): pools are (C, b, d), one pool per class; proxies are (C·K, d), class-major
-(row c·K + k is proxy k of class c). Standalone: imports torch and the standard library only.
+Conventions: pools are (C, b, d), one pool per class; proxies are (C·K, d), class-major (row
+c·K + k is proxy k of class c, so proxies.view(C, K, d) is the per-class view); labels are (N,)
+integers. NaN or inf in any input is a ValueError naming the argument, its shape and the first
+offending row. Standalone: imports torch, numpy and the standard library only.
 """
+import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices (n_bad, x.dim() - 1) of the rows (vectors along the last dimension) with NaN or inf."""
+    return (~torch.isfinite(x).all(dim=-1)).nonzero()
+
+
+def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
+    """ValueError naming `where`, the argument `name`, its shape and its first row with NaN or inf."""
+    bad = _non_finite_rows(x)
+    if len(bad):
+        first = ", ".join(str(i) for i in bad[0].tolist())
+        raise ValueError(f"{where}: {name} of shape {tuple(x.shape)} has {len(bad)} row(s) with NaN or inf, "
+                         f"the first is {name}[{first}]")
+
 
 # ---------------------------------------------------------------------------------------------
 # greedy k-center (PAPER.md §5)
 
 
-def distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of every row of x (C, b, d) to every row of y (C, m, d): (C, b, m)."""
     # ||x - y|| from the differences, not the ||x||^2 - 2<x,y> + ||y||^2 matmul expansion: faster
     # for tiny per-class matrices, and equal distances stay exactly equal (reproducible ties)
     return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def distance_to_set(candidates: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+def _distance_to_set(candidates: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """min_j ||x - p_j|| over the initial set p (C, m, d), for every candidate x (C, b, d)."""
     if initial.shape[1] == 0:  # no initial set: every candidate is infinitely far from it
         return candidates.new_full(candidates.shape[:2], float("inf"))
-    return distance(candidates, initial).amin(dim=2)
+    return _distance(candidates, initial).amin(dim=2)
 
 
 @torch.no_grad()
@@ -46,17 +71,19 @@ def greedy_k_center(
     The authors rank candidates by squared Euclidean distance; the Euclidean distance used here
     ranks them in the same order (sqrt is monotone) and is cheaper to compute exactly. Ties go to
     the lowest index (torch.argmax returns the first maximum). A candidate is never picked twice,
-    so the k indices of a class are distinct even when candidates coincide.
+    so the k indices of a class are distinct even when candidates coincide; NaN or inf in
+    candidates or initial is a ValueError.
     """
-    single = candidates.dim() == 2
-    if single:
-        candidates = candidates.unsqueeze(0)
-        initial = None if initial is None else initial.unsqueeze(0)
-    if candidates.dim() != 3:
+    if candidates.dim() not in (2, 3):
         raise ValueError(
             "greedy_k_center: candidates must be (C, b, d) or (b, d), "
             f"got shape {tuple(candidates.shape)}"
         )
+    _check_finite(candidates, "candidates", "greedy_k_center")
+    single = candidates.dim() == 2
+    if single:
+        candidates = candidates.unsqueeze(0)
+        initial = None if initial is None else initial.unsqueeze(0)
     C, b, d = candidates.shape
     if not 1 <= k <= b:
         raise ValueError(
@@ -75,14 +102,15 @@ def greedy_k_center(
             f"greedy_k_center: initial ({initial.dtype}, {initial.device}) must have the dtype and "
             f"device of candidates ({candidates.dtype}, {candidates.device})"
         )
+    _check_finite(initial, "initial", "greedy_k_center")
     rows = torch.arange(C, device=candidates.device)
-    dist = distance_to_set(candidates, initial)
+    dist = _distance_to_set(candidates, initial)
     chosen = []
     for _ in range(k):
         pick = dist.argmax(dim=1)  # the candidate farthest from everything chosen so far
         chosen.append(pick)
         newest = candidates[rows, pick].unsqueeze(1)  # (C, 1, d)
-        dist = torch.minimum(dist, distance(candidates, newest).squeeze(2))
+        dist = torch.minimum(dist, _distance(candidates, newest).squeeze(2))
         dist[rows, pick] = -float("inf")  # never pick it again
     indices = torch.stack(chosen, dim=1)
     return indices[0] if single else indices
@@ -92,7 +120,7 @@ def greedy_k_center(
 # coverage statistics (PAPER.md §1, §5)
 
 
-def centers_by_class(
+def _centers_by_class(
     centers: torch.Tensor, center_labels: torch.Tensor, classes: torch.Tensor
 ) -> torch.Tensor:
     """(len(classes), K_max, d): the centers of each class, padded by repeating the class's own.
@@ -145,8 +173,10 @@ def covering_radius(
         )
     if points.shape[0] == 0:
         raise ValueError("covering_radius: points is empty (0 rows)")
+    _check_finite(points, "points", "covering_radius")
+    _check_finite(centers, "centers", "covering_radius")
     classes, class_of_point = torch.unique(labels, return_inverse=True)
-    grouped = centers_by_class(centers, center_labels, classes)  # (C, K_max, d)
+    grouped = _centers_by_class(centers, center_labels, classes)  # (C, K_max, d)
     chunk = max(1, max_chunk_elements // (grouped.shape[1] * grouped.shape[2]))
     nearest = []
     for start in range(0, points.shape[0], chunk):
@@ -176,6 +206,7 @@ def mean_interclass_distance(
             f"mean_interclass_distance: centers must be (M, d) with center_labels (M,), got "
             f"centers {tuple(centers.shape)} and center_labels {tuple(center_labels.shape)}"
         )
+    _check_finite(centers, "centers", "mean_interclass_distance")
     classes, class_of_center = torch.unique(center_labels, return_inverse=True)
     C = classes.shape[0]
     if C < 2:
@@ -197,54 +228,106 @@ def mean_interclass_distance(
 # candidate pools and the re-selection step (PAPER.md §2 `P <- select(pool(θ), P*, K)`, §5)
 
 
-def draw_pool_indices(
-    class_to_indices: Sequence[Sequence[int]], pool_size: int, generator: torch.Generator
-) -> tuple[list[int], int]:
-    """pool_size dataset indices per class, class-major; and how many classes needed replacement.
+class CandidateStream:
+    """One run-long stream of training images per class, from which the candidate pools are drawn.
 
-    A class with at least pool_size images gets pool_size distinct ones; a smaller class gets
-    every image once (in random order) and the remaining slots drawn with replacement.
+    The authors take successive pools from one iterator that yields one image per class, so each
+    re-selection sees other images of a class than the last (PAPER.md §7). Here every class has a
+    queue of its images in shuffled order; a draw takes the next pool_size images of every queue,
+    and an emptied queue refills with a fresh permutation. No image of a class repeats before all
+    of them have been drawn; a class with fewer images than pool_size wraps around into its next
+    permutation within one draw.
+
+    Permutation e of class c (its e-th queue) is the order of the raw outputs of
+    PCG64(SeedSequence([seed, TAG, c, e])), stable across numpy versions (TAG keeps these apart from
+    a run's other SeedSequence([seed, ...]) streams, e.g. its batch sampler's). A draw is thus a pure
+    function of (seed, taken), taken being the images drawn per class so far (the sum of the earlier
+    pool sizes); state_dict() holds just those, so a resumed run draws the same next pools.
     """
-    drawn, replaced = [], 0
-    for c, indices in enumerate(class_to_indices):
-        n = len(indices)
-        if n == 0:
-            raise ValueError(f"candidate_pool: class {c} has no images")
-        order = torch.randperm(n, generator=generator)[:pool_size].tolist()
-        if n < pool_size:
-            replaced += 1
-            order += torch.randint(n, (pool_size - n,), generator=generator).tolist()
-        drawn.extend(int(indices[i]) for i in order)
-    return drawn, replaced
+
+    TAG = 0x63616E64  # "cand"
+
+    def __init__(self, class_to_indices: Sequence[Sequence[int]], seed: int) -> None:
+        if len(class_to_indices) == 0:
+            raise ValueError("CandidateStream: class_to_indices is empty (no classes)")
+        self.classes = [np.asarray(indices, dtype=np.int64).reshape(-1) for indices in class_to_indices]
+        empty = [c for c, indices in enumerate(self.classes) if len(indices) == 0]
+        if empty:
+            raise ValueError(
+                f"CandidateStream: every class needs an image; class_to_indices[{empty[0]}] is empty "
+                f"({len(empty)} empty class(es))"
+            )
+        self.seed, self.taken = 0, 0
+        self.load_state_dict({**self.state_dict(), "seed": seed})
+
+    def _queue(self, c: int, epoch: int) -> np.ndarray:
+        """The dataset indices of class c in the order of its epoch-th queue."""
+        bits = np.random.PCG64(np.random.SeedSequence([self.seed, self.TAG, c, epoch]))
+        # argsort of 64-bit random keys: a uniform permutation (up to key collisions, p < n²/2^65)
+        return self.classes[c][np.argsort(bits.random_raw(len(self.classes[c])), kind="stable")]
+
+    def draw(self, pool_size: int) -> list[list[int]]:
+        """The next pool_size dataset indices of every class: a list of C lists, class c's first."""
+        if pool_size < 1:
+            raise ValueError(f"CandidateStream.draw: pool_size must be >= 1, got {pool_size}")
+        pools = []
+        for c, indices in enumerate(self.classes):
+            positions = range(self.taken, self.taken + pool_size)  # in class c's endless queue
+            queues = {e: self._queue(c, e) for e in {p // len(indices) for p in positions}}
+            pools.append([int(queues[p // len(indices)][p % len(indices)]) for p in positions])
+        self.taken += pool_size
+        return pools
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "taken": self.taken, "num_classes": len(self.classes),
+                "num_images": sum(len(indices) for indices in self.classes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = self.state_dict()
+        missing = set(expected) - set(state)
+        if missing:
+            raise ValueError(f"CandidateStream.load_state_dict: missing keys {sorted(missing)} in {sorted(state)}")
+        for key in expected:
+            if not isinstance(state[key], numbers.Integral) or isinstance(state[key], bool) or state[key] < 0:
+                raise ValueError(f"CandidateStream: {key} must be an integer >= 0, got {state[key]!r}")
+        for key in ("num_classes", "num_images"):
+            if state[key] != expected[key]:
+                raise ValueError(
+                    f"CandidateStream.load_state_dict: the state is of a stream over {state['num_classes']} "
+                    f"classes and {state['num_images']} images, this one has {expected['num_classes']} "
+                    f"and {expected['num_images']}"
+                )
+        self.seed, self.taken = int(state["seed"]), int(state["taken"])
 
 
 def candidate_pool(
     embed_fn: Callable[[list[int]], torch.Tensor],
-    class_to_indices: Sequence[Sequence[int]],
-    pool_size: int,
-    generator: torch.Generator,
+    drawn: Sequence[Sequence[int]],
     batch_size: int = 256,
-) -> tuple[torch.Tensor, int]:
-    """Embed a pool of pool_size training images per class: returns ((C, b, d) pools, #replaced).
+) -> torch.Tensor:
+    """Embed the drawn candidates: returns the (C, b, d) pools, pool c holding the images drawn[c].
 
-    class_to_indices[c] lists the dataset indices of class c. embed_fn(list_of_indices) must
-    return their raw embeddings f(x) as an (n, d) tensor (the caller applies the training
-    augmentation with the network in eval mode, as the authors do); it is called under
-    torch.no_grad() with at most batch_size indices at a time. #replaced counts the classes with
-    fewer than pool_size images, whose pools repeat images. Deterministic given the generator.
+    drawn[c] lists b dataset indices of class c, the same b for every class (e.g.
+    CandidateStream.draw(b)). embed_fn(list_of_indices) must return their raw embeddings f(x) as
+    an (n, d) tensor (the caller applies the training augmentation with the network in eval mode,
+    as the authors do); it is called under torch.no_grad() with at most batch_size indices at a
+    time, class-major.
     """
-    if pool_size < 1 or batch_size < 1:
-        raise ValueError(
-            "candidate_pool: pool_size and batch_size must be >= 1, "
-            f"got {pool_size} and {batch_size}"
-        )
-    if len(class_to_indices) == 0:
-        raise ValueError("candidate_pool: class_to_indices is empty (no classes)")
-    drawn, replaced = draw_pool_indices(class_to_indices, pool_size, generator)
+    if batch_size < 1:
+        raise ValueError(f"candidate_pool: batch_size must be >= 1, got {batch_size}")
+    if len(drawn) == 0 or len(drawn[0]) == 0:
+        raise ValueError("candidate_pool: drawn must list b >= 1 dataset indices for each of C >= 1 classes")
+    b = len(drawn[0])
+    uneven = [c for c, indices in enumerate(drawn) if len(indices) != b]
+    if uneven:
+        c = uneven[0]
+        raise ValueError(f"candidate_pool: every class needs the same pool size; drawn[0] has {b} indices, "
+                         f"drawn[{c}] has {len(drawn[c])}")
+    flat = [int(i) for indices in drawn for i in indices]
     embeddings = []
     with torch.no_grad():
-        for start in range(0, len(drawn), batch_size):
-            batch = drawn[start : start + batch_size]
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start : start + batch_size]
             out = embed_fn(batch)
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(batch):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -252,9 +335,14 @@ def candidate_pool(
                     f"candidate_pool: embed_fn must return an ({len(batch)}, d) tensor for "
                     f"{len(batch)} indices, got {shape}"
                 )
+            bad = _non_finite_rows(out)
+            if len(bad):
+                raise ValueError(
+                    f"candidate_pool: embed_fn's output of shape {tuple(out.shape)} has {len(bad)} row(s) "
+                    f"with NaN or inf, the first for dataset index {batch[int(bad[0, 0])]}"
+                )
             embeddings.append(out)
-    pools = torch.cat(embeddings).view(len(class_to_indices), pool_size, -1)
-    return pools, replaced
+    return torch.cat(embeddings).view(len(drawn), b, -1)
 
 
 def select_proxies(
@@ -268,6 +356,7 @@ def select_proxies(
     """
     if pool.dim() != 3:
         raise ValueError(f"select_proxies: pool must be (C, b, d), got {tuple(pool.shape)}")
+    _check_finite(pool, "pool", "select_proxies")
     C, _, d = pool.shape
     initial = None
     if current_proxies is not None:
@@ -277,6 +366,7 @@ def select_proxies(
                 f"select_proxies: current_proxies must be (C·K', d) = ({C}·K', {d}) class-major "
                 f"to match pool {tuple(pool.shape)}, got {tuple(shape)}"
             )
+        _check_finite(current_proxies, "current_proxies", "select_proxies")
         initial = current_proxies.detach().reshape(C, shape[0] // C, d)
     indices = greedy_k_center(pool, per_class, initial)  # (C, K)
     chosen = torch.gather(pool, 1, indices.unsqueeze(-1).expand(-1, -1, d))

@@ -5,8 +5,10 @@ Builds synthetic clustered embeddings the size of SOP's test split (60,502 x 128
 IndexFlatL2 search with the same k, for the default recall_ks and for SOP's (1, 10, 100, 1000).
 The bare search is the floor; the target is a ratio <= 1.2. Also prints the peak resident memory.
 On a shared machine search times drift by tens of per cent: compare the best of several runs.
+--duplicates F overwrites a fraction F of the rows with copies of other rows (keeping their own
+labels), so that exact ties within and across classes take retrieval_metrics' tie path.
 
-    python benchmarks/bench_evaluate.py [--threads T] [--repeats R]
+    python benchmarks/bench_evaluate.py [--threads T] [--repeats R] [--duplicates F]
 """
 import argparse
 import resource
@@ -44,6 +46,14 @@ def clustered_embeddings(rng: np.random.Generator, noise: float = 0.12) -> tuple
     return np.ascontiguousarray(x[order]), labels[order]
 
 
+def with_duplicates(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """x with a random `fraction` of its rows replaced by copies of random rows."""
+    x = x.copy()
+    rows = np.flatnonzero(rng.random(len(x)) < fraction)
+    x[rows] = x[rng.integers(0, len(x), len(rows))]
+    return x
+
+
 def bare_search(x: np.ndarray, k: int) -> float:
     start = time.perf_counter()
     index = faiss.IndexFlatL2(x.shape[1])
@@ -62,12 +72,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=faiss.omp_get_max_threads())
     parser.add_argument("--repeats", type=int, default=4, help="best of this many runs of each")
+    parser.add_argument("--duplicates", type=float, default=0.0, help="fraction of rows made copies of others")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
 
     x, y = clustered_embeddings(np.random.default_rng(0))
+    x = with_duplicates(x, args.duplicates, np.random.default_rng(1))
     max_r = int(np.bincount(y).max()) - 1
-    print(f"N = {N}, d = {D}, classes = {CLASSES}, max R = {max_r}, faiss threads = {args.threads}")
+    print(f"N = {N}, d = {D}, classes = {CLASSES}, max R = {max_r}, distinct rows = {len(np.unique(x, axis=0))}, "
+          f"faiss threads = {args.threads}")
     for recall_ks in [(1, 2, 4, 8), (1, 10, 100, 1000)]:
         k = max(max_r, *recall_ks) + 1  # self-retrieval searches one more and drops the query itself
         ours, bare = [], []

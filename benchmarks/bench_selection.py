@@ -4,12 +4,14 @@ Run by hand: `python benchmarks/bench_selection.py [--device cuda] [--threads 2]
   - greedy_k_center at SOP scale (11,318 classes, pool 7, K = 4, d = 128; target < 0.1 s on two
     CPU cores) and CUB scale (100 classes, pool 12, K = 8), from the zero vector and from P*;
   - covering_radius and mean_interclass_distance at SOP scale (logged once per instance);
+  - CandidateStream.draw at SOP scale (11,318 classes of 2-12 images, pool 7; once per instance);
   - ProximalAnchor.anchor() and add_to_grad() for 10.3 M parameters (BN-Inception's count, in
     synthetic shapes), beside penalty().backward() (the same gradient by autograd), with the
     memory the anchor adds.
 Times are the median of several runs after one warm-up run.
 """
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -21,7 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from projection import ProximalAnchor  # noqa: E402
-from selection import covering_radius, greedy_k_center, mean_interclass_distance  # noqa: E402
+from selection import (  # noqa: E402
+    CandidateStream,
+    covering_radius,
+    greedy_k_center,
+    mean_interclass_distance,
+)
 
 
 def timed(fn, device, repeats=5):
@@ -77,6 +84,14 @@ def bench_coverage(device, g):
     print(f"mean_interclass_distance SOP ({C} classes): {ms(inter)}")
 
 
+def bench_stream(g):
+    sizes = torch.randint(2, 13, (11318,), generator=g).tolist()
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    stream = CandidateStream([range(s, s + n) for s, n in zip(starts, sizes)], seed=0)
+    draw = timed(lambda: stream.draw(7), torch.device("cpu"), 3)
+    print(f"CandidateStream.draw(7) SOP ({len(sizes)} classes, {sum(sizes)} images): {ms(draw)}")
+
+
 def bench_anchor(device, g):
     # 10.3 M parameters: 69 conv-like tensors of 384x384 and the 1024->128 embedding layer
     shapes = [(384, 384)] * 69 + [(128, 1024)]
@@ -126,6 +141,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     bench_greedy(device, g)
     bench_coverage(device, g)
+    bench_stream(g)
     bench_anchor(device, g)
 
 

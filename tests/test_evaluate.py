@@ -162,28 +162,21 @@ def test_exact_duplicates_with_the_same_label_are_neighbours():
     assert got == pytest.approx({"P@1": 1.0, "R@1": 1.0, "P@R": 1.0, "MAP@R": 1.0, "queries_without_match": 0})
 
 
-def reference_over_tie_orders(x, y, recall_ks) -> list[dict]:
-    """The reference under every order of the points, i.e. under every way of breaking exact ties."""
-    return [reference_metrics(x[list(p)], y[list(p)], recall_ks=recall_ks)
-            for p in itertools.permutations(range(len(x)))]
-
-
-def test_exact_duplicates_with_different_labels():
-    # points 0 and 1 coincide but differ in class: each is the other's (wrong) nearest neighbour
+def test_exact_duplicates_with_different_labels_count_in_expectation():
+    # points 0 and 1 coincide but differ in class. Query 0's only other copy there is of class 1 (a sure miss
+    # before its match at distance 2); for queries 2 and 3 the coincident pair is a tie of one hit and one miss
+    # at distance 2 and 5, worth 1/2 at rank 1. Every R is 1, so P@R = MAP@R = P@1.
     x = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, -5.0]])
     y = np.array([0, 1, 0, 1])
-    ks = (1, 2, 4)
-    got = retrieval_metrics(x, y, recall_ks=ks)
-    possible = reference_over_tie_orders(x, y, ks)
-    assert any(all(got[key] == pytest.approx(ref[key]) for key in ref) for ref in possible)
-    assert got["P@1"] <= 0.5  # queries 0 and 1 certainly miss: self was removed, not the duplicate
-    assert got["R@2"] == pytest.approx(0.75) and got["R@4"] == 1.0
+    got = retrieval_metrics(x, y, recall_ks=(1, 2, 4))
+    assert got == pytest.approx({"P@1": 0.25, "R@1": 0.25, "R@2": 0.75, "R@4": 1.0, "P@R": 0.25, "MAP@R": 0.25,
+                                 "queries_without_match": 0})
 
 
-def test_drop_self_removes_own_index_wherever_it_is():
+def test_own_group_is_found_wherever_the_search_put_it():
+    # rounding may rank a near-identical vector ahead of the query's own; past k it is not returned at all
     neighbours = np.array([[5, 2, 7], [2, 5, 7], [2, 7, 5], [1, 3, 4]])
-    kept = evaluate._drop_self(neighbours, np.array([5, 5, 5, 9]))  # row 3: self not among the k + 1
-    np.testing.assert_array_equal(kept, [[2, 7], [2, 7], [2, 7], [1, 3]])
+    np.testing.assert_array_equal(evaluate._own_group(neighbours, np.array([5, 5, 5, 9])), [0, 1, 2, 3])
 
 
 def test_labels_need_not_be_contiguous():
@@ -212,6 +205,184 @@ def test_returned_types_and_key_order():
     assert type(got["queries_without_match"]) is int
 
 
+# ----------------------------------------------------------------------------- exact ties (expectation)
+
+def expected_reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), metric="l2") -> dict:
+    """Each metric's expectation over a uniformly random order of identical references, one query at a
+    time, from the probability that one position, or two positions, hold a correct reference: a position
+    in a tie of n copies with h correct is correct with probability h/n, two positions of one tie with
+    h(h-1)/(n(n-1)), positions of different ties independently. Distinct vectors must not tie."""
+    self_mode = g is None
+    if self_mode:
+        g, gl = q, ql
+    dist = distance_matrix(q, g, metric)
+    p1, pr, map_r, unmatched = [], [], [], 0
+    recall = {k: [] for k in recall_ks}
+    for i in range(len(q)):
+        ties = {}  # distinct reference vector -> [distance, copies, correct copies]
+        for j in range(len(g)):
+            if not (self_mode and j == i):
+                tie = ties.setdefault(tuple(g[j]), [dist[i, j], 0, 0])
+                tie[1] += 1
+                tie[2] += int(gl[j] == ql[i])
+        ranked = sorted(ties.values())
+        tie_of = [t for t, (_, n, _) in enumerate(ranked) for _ in range(n)]  # position -> its tie
+        r = sum(h for _, _, h in ranked)
+        if r == 0:
+            unmatched += 1
+            continue
+
+        def correct(a):
+            _, n, h = ranked[tie_of[a]]
+            return h / n
+
+        def both_correct(a, b):
+            if tie_of[a] != tie_of[b]:
+                return correct(a) * correct(b)
+            _, n, h = ranked[tie_of[a]]
+            return h * (h - 1) / (n * (n - 1))
+
+        def none_correct_within(k):
+            probability = 1.0
+            for t, (_, n, h) in enumerate(ranked):
+                s = sum(1 for a in range(min(k, len(tie_of))) if tie_of[a] == t)
+                probability *= math.comb(n - h, s) / math.comb(n, s)
+            return probability
+
+        p1.append(correct(0))
+        for k in recall_ks:
+            recall[k].append(1 - none_correct_within(k))
+        pr.append(sum(correct(a) for a in range(r)) / r)
+        # E[P(i) [i-th correct]] = (1/i) sum_{j <= i} P[i-th and j-th correct]
+        map_r.append(sum((correct(a) + sum(both_correct(a, b) for b in range(a))) / (a + 1) for a in range(r)) / r)
+    out = {"P@1": float(np.mean(p1))}
+    out.update({f"R@{k}": float(np.mean(recall[k])) for k in recall_ks})
+    out.update({"P@R": float(np.mean(pr)), "MAP@R": float(np.mean(map_r)), "queries_without_match": unmatched})
+    return out
+
+
+def label_orders(x, y):
+    """y with the labels of identical rows of x permuted among them in every possible way: the data under
+    every way of breaking its exact ties (the reference breaks them by index)."""
+    ties = {}
+    for i, row in enumerate(map(tuple, x)):
+        ties.setdefault(row, []).append(i)
+    for choice in itertools.product(*(itertools.permutations(members) for members in ties.values())):
+        permuted = y.copy()
+        for members, order in zip(ties.values(), choice):
+            permuted[list(members)] = y[list(order)]
+        yield permuted
+
+
+def mean_over(results: list[dict]) -> dict:
+    return {key: float(np.mean([res[key] for res in results])) if key != "queries_without_match" else results[0][key]
+            for key in results[0]}
+
+
+def with_duplicates(seed: int, n_classes: int = 8, copy_fraction: float = 0.4):
+    """`clustered` data in which a random `copy_fraction` of the points get 1-3 extra copies, each copy
+    keeping its point's label or (half the time) taking a random class: ties within and across classes."""
+    x, y = clustered(seed, n_classes=n_classes, d=6, max_size=8)
+    rng = np.random.default_rng(seed)
+    extra = np.where(rng.random(len(x)) < copy_fraction, rng.integers(1, 4, len(x)), 0)
+    source = np.repeat(np.arange(len(x)), extra)
+    copy_labels = np.where(rng.random(len(source)) < 0.5, y[source], rng.choice(np.unique(y), len(source)))
+    x, y = np.concatenate([x, x[source]]), np.concatenate([y, copy_labels])
+    order = rng.permutation(len(x))
+    return x[order], y[order]
+
+
+def assert_distinct_vectors_never_tie(q, g, metric) -> None:
+    """The search can follow the float64 reference only where different vectors are at clearly different
+    distances from every query (squared L2 distances are exact integers here, see `clustered`)."""
+    distinct = np.unique(g, axis=0)
+    dist = np.sort(distance_matrix(q, distinct, metric) ** (2 if metric == "l2" else 1), axis=1)
+    assert np.diff(dist, axis=1).min() > (0.5 if metric == "l2" else 1e-5)
+
+
+def test_expectation_reference_equals_the_mean_over_every_tie_order():
+    # the test's own two references agree: its probability formulas are the mean over all tie orders
+    # on a line at the marks of a Golomb ruler (all differences distinct): only identical points tie
+    x = np.array([0, 0, 0, 1, 1, 4, 10, 10, 12, 17], np.float32)[:, None]
+    y = np.array([0, 1, 1, 0, 2, 1, 1, 0, 2, 2])
+    assert_distinct_vectors_never_tie(x, x, "l2")
+    ks = (1, 2, 3, 5)
+    orders = [reference_metrics(x, permuted, recall_ks=ks) for permuted in label_orders(x, y)]
+    assert len(orders) == 6 * 2 * 2  # 3! x 2! x 2! orders of the three ties
+    expected = mean_over(orders)
+    assert_metrics_equal(expected_reference_metrics(x, y, recall_ks=ks), expected)
+    assert_metrics_equal(retrieval_metrics(x, y, recall_ks=ks), expected)
+    assert len({res["MAP@R"] for res in orders}) > 1  # the tie order matters to a single order's score
+
+
+def has_mixed_ties(x, y) -> bool:
+    return len(np.unique(np.column_stack([x, y]), axis=0)) > len(np.unique(x, axis=0))
+
+
+@pytest.mark.parametrize("seed", [5, 6])  # seeds whose distinct vectors never tie (asserted below)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_match_expectation_reference_in_self_retrieval(seed, metric):
+    x, y = with_duplicates(seed)
+    assert_distinct_vectors_never_tie(x, x, metric)
+    assert has_mixed_ties(x, y)
+    ks = (1, 2, 3, 5, 1000)
+    expected = expected_reference_metrics(x, y, recall_ks=ks, metric=metric)
+    assert 0.2 < expected["MAP@R"] < 0.9
+    assert_metrics_equal(retrieval_metrics(x, y, recall_ks=ks, metric=metric), expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_match_expectation_reference_with_a_gallery(metric):
+    x, y = with_duplicates(3, n_classes=10)
+    to_query = np.random.default_rng(3).random(len(x)) < 0.4  # copies of one point land on both sides
+    q, ql, g, gl = x[to_query], y[to_query], x[~to_query], y[~to_query]
+    assert len(np.unique(q, axis=0)) < len(q) and has_mixed_ties(g, gl)
+    assert_distinct_vectors_never_tie(q, g, metric)
+    ks = (1, 2, 4, 7)
+    expected = expected_reference_metrics(q, ql, g, gl, recall_ks=ks, metric=metric)
+    assert_metrics_equal(retrieval_metrics(q, ql, g, gl, recall_ks=ks, metric=metric), expected)
+
+
+def test_hand_computed_tie_of_three():
+    # from the query: three references at distance 1 (classes A, B, B), then two at distance 2 (A, A); R = 3.
+    # P@1 = 1/3; R@2 = 1 - C(2,2)/C(3,2) = 2/3; the one hit among the first 3 sits at rank t = 1, 2 or 3
+    # alike: P@R = 1/3, MAP@R = (1/3) E[1/t] = (1/3)(1 + 1/2 + 1/3)/3 = 11/54
+    gallery = np.array([[1.0], [1.0], [1.0], [2.0], [2.0]])
+    got = retrieval_metrics(np.zeros((1, 1)), [0], gallery, [0, 1, 1, 0, 0], recall_ks=(1, 2, 3))
+    assert got == pytest.approx({"P@1": 1 / 3, "R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0, "P@R": 1 / 3,
+                                 "MAP@R": 11 / 54, "queries_without_match": 0})
+
+
+def test_sorted_labels_do_not_inflate_ties():
+    # two embeddings, each shared by four images of two classes: in index order each query's nearest
+    # references would start with its own class when the data are sorted by label. Every query's tie
+    # holds 3 others, 1 of its class: P@1 = 1/3 in expectation however the data are ordered.
+    v, w = [1.0, 0.0], [0.0, 1.0]
+    x = np.array([v] * 4 + [w] * 4)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    got = retrieval_metrics(x, y, recall_ks=(1, 3))
+    assert got["P@1"] == pytest.approx(1 / 3) and got["R@3"] == 1.0
+    shuffled = np.random.default_rng(0).permutation(len(x))
+    assert retrieval_metrics(x[shuffled], y[shuffled], recall_ks=(1, 3)) == got
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_result_does_not_depend_on_the_order_of_the_data(metric):
+    # duplicates across classes, and distinct vectors at exactly equal distances (a ring around a point)
+    x, y = with_duplicates(4)
+    ring = np.array([[0, 0, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0], [-5, 0, 0, 0, 0, 0], [0, 5, 0, 0, 0, 0],
+                     [0, -5, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]], np.float32) + 900
+    x, y = np.concatenate([x, ring]), np.concatenate([y, y[:6]])
+    by_label = np.argsort(y, kind="stable")
+    shuffled = np.random.default_rng(4).permutation(len(x))
+    got = retrieval_metrics(x[by_label], y[by_label], metric=metric)
+    assert retrieval_metrics(x[shuffled], y[shuffled], metric=metric) == got
+    q, g = np.array_split(shuffled, 2)
+    qg = retrieval_metrics(x[q], y[q], x[g], y[g], metric=metric)
+    q, g = q[np.argsort(y[q], kind="stable")], g[np.argsort(y[g], kind="stable")]
+    assert retrieval_metrics(x[q], y[q], x[g], y[g], metric=metric) == qg
+
+
 # ----------------------------------------------------------------------------- input errors
 
 X, Y = np.random.default_rng(0).standard_normal((6, 3)), np.array([0, 0, 1, 1, 2, 2])
@@ -225,9 +396,11 @@ def with_bad_rows(rows: list[int], value: float) -> np.ndarray:
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(query=X, query_labels=Y[:5]), "query_labels has 5 entries but its embeddings have 6 rows"),
-    (dict(query=with_bad_rows([3, 5], np.nan), query_labels=Y), r"query has 2 rows with NaN or inf .*first at row 3"),
+    (dict(query=with_bad_rows([3, 5], np.nan), query_labels=Y),
+     r"query of shape \(6, 3\) has 2 row\(s\) with NaN or inf \(as float32\), the first at row 3"),
+    (dict(query=X * 1e39, query_labels=Y), r"query of shape \(6, 3\) has 6 row\(s\) with NaN or inf \(as float32\)"),
     (dict(query=X, query_labels=Y, gallery=with_bad_rows([4], np.inf), gallery_labels=Y),
-     r"gallery has 1 rows with NaN or inf .*first at row 4"),
+     r"gallery of shape \(6, 3\) has 1 row\(s\) with NaN or inf .*the first at row 4"),
     (dict(query=np.zeros((0, 3)), query_labels=np.zeros(0, int)), r"query is empty: shape \(0, 3\)"),
     (dict(query=X, query_labels=Y, gallery=np.zeros((0, 3)), gallery_labels=np.zeros(0, int)), "gallery is empty"),
     (dict(query=X, query_labels=Y, gallery=X[:, :2], gallery_labels=Y), "query has d = 3 but gallery has d = 2"),
@@ -245,6 +418,19 @@ def with_bad_rows(rows: list[int], value: float) -> np.ndarray:
      r"zero vectors; query has 1 \(first at row 2\)"),
 ])
 def test_retrieval_metrics_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(query=np.ones((6, 3)), query_labels=Y), r"all 6 rows of query \(shape \(6, 3\)\) are identical"),
+    (dict(query=X, query_labels=Y, gallery=np.tile(X[:1], (4, 1)), gallery_labels=Y[:4]),
+     "all 4 rows of gallery .* are identical: the model has collapsed"),
+    (dict(query=np.tile(X[:1], (3, 1)), query_labels=Y[:3], gallery=X, gallery_labels=Y), "rows of query"),
+    (dict(query=np.outer(np.arange(1, 7), X[0]), query_labels=Y, metric="cosine"), "has collapsed"),
+    (dict(query=X[0] + 1e-9 * X, query_labels=Y), "has collapsed"),  # identical up to float32 rounding
+])
+def test_collapsed_embeddings_are_an_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(**kwargs)
 
@@ -287,7 +473,9 @@ def test_nmi_is_reproducible_and_accepts_torch():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(embeddings=X, labels=Y[:4]), "nmi: labels has 4 entries"),
-    (dict(embeddings=with_bad_rows([1], np.nan), labels=Y), "nmi: embeddings has 1 rows with NaN"),
+    (dict(embeddings=with_bad_rows([1], np.nan), labels=Y),
+     r"nmi: embeddings of shape \(6, 3\) has 1 row\(s\) with NaN or inf .*the first at row 1"),
+    (dict(embeddings=torch.from_numpy(with_bad_rows([2, 4], -np.inf)), labels=Y), r"embeddings .* the first at row 2"),
     (dict(embeddings=X, labels=Y, niter=0), "niter must be a positive integer"),
     (dict(embeddings=X, labels=Y, seed=-1), "seed must be an integer"),
 ])
@@ -351,14 +539,51 @@ def test_ensemble_normalises_each_part_then_concatenates():
     np.testing.assert_allclose(from_numpy, expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("parts, message", [
-    ([], "non-empty list"),
-    ([np.ones((4, 2)), np.ones((5, 2))], "part 0 has 4 rows, part 1 has 5"),
-    ([np.ones(4)], r"part 0 must be 2-D \(N, d\), got shape \(4,\)"),
+def lipschitz(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1.0)  # n(x) = x / max(1, ||x||), PAPER.md §3
+
+
+def test_ensemble_with_the_runs_normalisation_is_n_of_the_concatenation_of_n():
+    def n_rows(m):  # the reference n, one row at a time
+        return np.array([row / max(1.0, math.sqrt(sum(v * v for v in row))) for row in m])
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 2)) * 5
+    a[0] *= 0.1 / np.linalg.norm(a[0])  # norm 0.1: n leaves the row alone where L2 would scale it to 1
+    a[1] *= 0.5 / np.linalg.norm(a[1])
+    b[1] *= 0.3 / np.linalg.norm(b[1])  # row 1: both parts inside the unit ball, and their concatenation too
+    expected = n_rows(np.concatenate([n_rows(a), n_rows(b)], axis=1))
+    from_numpy = ensemble([a, b], normalize=lipschitz)
+    assert isinstance(from_numpy, np.ndarray)
+    np.testing.assert_allclose(from_numpy, expected, rtol=1e-12)
+    from_torch = ensemble([torch.from_numpy(a), b], normalize=lipschitz)
+    assert isinstance(from_torch, torch.Tensor)
+    np.testing.assert_allclose(from_torch.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(expected[1]), math.hypot(0.5, 0.3))  # left inside the ball
+    mlrc = ensemble([a, b])
+    assert np.abs(mlrc[:2, :3] - expected[:2, :3]).min() > 0.1  # the two ensembles differ there
+
+
+def test_ensemble_default_is_unchanged_by_an_explicit_none():
+    parts = [np.random.default_rng(2).standard_normal((3, 4)), np.ones((3, 1))]
+    np.testing.assert_array_equal(ensemble(parts, normalize=None), ensemble(parts))
+
+
+@pytest.mark.parametrize("parts, kwargs, message", [
+    ([], {}, "non-empty list"),
+    ([np.ones((4, 2)), np.ones((5, 2))], {}, r"parts\[0\] has 4 rows, parts\[1\] has 5"),
+    ([np.ones(4)], {}, r"parts\[0\] must be 2-D \(N, d\), got shape \(4,\)"),
+    ([np.ones((6, 2)), with_bad_rows([2, 3], np.nan)], {},
+     r"parts\[1\] of shape \(6, 3\) has 2 row\(s\) with NaN or inf, the first at row 2"),
+    ([np.ones((6, 2)), torch.from_numpy(with_bad_rows([5], -np.inf))], {"normalize": lipschitz},
+     r"parts\[1\] .* the first at row 5"),
+    ([np.ones((6, 2))], {"normalize": lambda x: x[:, :1]},
+     r"normalize must return a tensor shaped like its input; for parts\[0\] of shape \(6, 2\) it returned \(6, 1\)"),
+    ([np.ones((6, 2))], {"normalize": lambda x: x.numpy()}, "it returned ndarray"),
 ])
-def test_ensemble_rejects_bad_input(parts, message):
+def test_ensemble_rejects_bad_input(parts, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ensemble(parts)
+        ensemble(parts, **kwargs)
 
 
 # ----------------------------------------------------------------------------- format_table

@@ -1,11 +1,14 @@
-"""selection.py against brute-force references written here with loops and numpy (PAPER.md §5)."""
+"""selection.py against brute-force references written here with loops and numpy (PAPER.md §5),
+the candidate stream's queue discipline (PAPER.md §7), and the rejection of NaN and inf."""
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from selection import (
+    CandidateStream,
     candidate_pool,
     covering_radius,
     greedy_k_center,
@@ -210,9 +213,6 @@ def test_mean_interclass_distance_needs_two_classes():
 # ---------------------------------------------------------------------------------------------
 # candidate_pool and select_proxies
 
-CLASSES = [list(range(10, 20)), np.array([20, 21]), range(30, 37)]  # 10, 2 and 7 images
-
-
 class RecordingEmbedder:
     """Embeds dataset index i as (i, -2i), so every pool entry names the image it came from."""
 
@@ -226,36 +226,124 @@ class RecordingEmbedder:
         return torch.stack([i, -2 * i], dim=1)
 
 
-def test_candidate_pool_draws_per_class_and_counts_small_classes():
+def test_candidate_pool_embeds_the_drawn_indices_class_major():
+    drawn = [[10, 11, 12], np.array([20, 21, 20]), (30, 31, 32)]  # a class may repeat an image
     embed = RecordingEmbedder()
-    g = torch.Generator().manual_seed(0)
-    pools, replaced = candidate_pool(embed, CLASSES, 5, g, batch_size=4)
-    assert pools.shape == (3, 5, 2) and replaced == 1
+    pools = candidate_pool(embed, drawn, batch_size=4)
+    assert pools.shape == (3, 3, 2)
+    assert pools[..., 0].long().tolist() == [[10, 11, 12], [20, 21, 20], [30, 31, 32]]
     assert torch.equal(pools[..., 1], -2 * pools[..., 0])
-    drawn = pools[..., 0].long().tolist()
-    for c in (0, 2):  # big enough: pool_size distinct images of the class
-        assert len(set(drawn[c])) == 5 and set(drawn[c]) <= set(CLASSES[c])
-    assert set(drawn[1]) == {20, 21}  # too small: every image, the rest repeated
-    assert all(len(batch) <= 4 for batch in embed.batches)
-    assert sum(embed.batches, []) == sum(drawn, [])  # class-major, one embedding per pool slot
-
-
-def test_candidate_pool_is_deterministic_given_the_generator():
-    def draw(seed, batch_size):
-        g = torch.Generator().manual_seed(seed)
-        return candidate_pool(RecordingEmbedder(), CLASSES, 5, g, batch_size)[0]
-
-    assert torch.equal(draw(7, 4), draw(7, 4))
-    assert torch.equal(draw(7, 4), draw(7, 256))  # batching does not change the draw
-    assert any(not torch.equal(draw(7, 4), draw(seed, 4)) for seed in (8, 9, 10))
+    assert [len(batch) for batch in embed.batches] == [4, 4, 1]
+    assert sum(embed.batches, []) == [10, 11, 12, 20, 21, 20, 30, 31, 32]
 
 
 def test_candidate_pool_rejects_bad_input():
-    g = torch.Generator().manual_seed(0)
-    with pytest.raises(ValueError, match="class 1 has no images"):
-        candidate_pool(RecordingEmbedder(), [[1, 2], []], 2, g)
+    with pytest.raises(ValueError, match=r"drawn\[0\] has 2 indices, drawn\[2\] has 3"):
+        candidate_pool(RecordingEmbedder(), [[1, 2], [3, 4], [5, 6, 7]])
+    with pytest.raises(ValueError, match="b >= 1 dataset indices for each of C >= 1 classes"):
+        candidate_pool(RecordingEmbedder(), [])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        candidate_pool(RecordingEmbedder(), [[1]], batch_size=0)
     with pytest.raises(ValueError, match=r"\(3, d\) tensor for 3 indices, got \(3,\)"):
-        candidate_pool(lambda idx: torch.zeros(len(idx)), [[1, 2, 3]], 3, g)
+        candidate_pool(lambda idx: torch.zeros(len(idx)), [[1, 2, 3]])
+
+    def broken(indices):  # dataset images 31 and 32 embed to NaN
+        out = RecordingEmbedder()(indices)
+        out[[i for i, j in enumerate(indices) if j in (31, 32)]] = float("nan")
+        return out
+
+    with pytest.raises(ValueError, match=r"output of shape \(2, 2\) has 2 row\(s\) with NaN or inf, the first "
+                                         r"for dataset index 31"):
+        candidate_pool(broken, [[10, 11, 12], [20, 31, 32]], batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# CandidateStream (PAPER.md §7: one run-long one-image-per-class stream)
+
+SIZES = [10, 2, 7, 1, 3]
+CLASS_TO_INDICES = [list(range(100 * c, 100 * c + n)) for c, n in enumerate(SIZES)]
+
+
+def stream_of_class(pools: list[list[list[int]]], c: int) -> list[int]:
+    """Class c's images in the order the successive pools took them."""
+    return [i for pool in pools for i in pool[c]]
+
+
+def test_stream_draws_each_class_in_shuffled_rounds_that_refill_only_when_empty():
+    stream = CandidateStream(CLASS_TO_INDICES, seed=0)
+    pools = [stream.draw(4) for _ in range(9)]  # 36 images per class: 3.6 rounds of the largest class
+    assert all(len(pool) == len(SIZES) and all(len(p) == 4 for p in pool) for pool in pools)
+    for c, n in enumerate(SIZES):
+        taken = stream_of_class(pools, c)
+        rounds = [taken[start:start + n] for start in range(0, len(taken), n)]
+        for full in rounds[:-1]:  # no image repeats before the class is exhausted, then all come again
+            assert sorted(full) == CLASS_TO_INDICES[c]
+        assert len(set(rounds[-1])) == len(rounds[-1]) and set(rounds[-1]) <= set(CLASS_TO_INDICES[c])
+        if n >= 3:  # each refill is a fresh permutation, not the last one again
+            assert len({tuple(full) for full in rounds[:-1]}) > 1
+
+
+def test_stream_wraps_a_small_class_within_one_draw():
+    stream = CandidateStream([[7, 8], [5]], seed=1)
+    pool = stream.draw(5)
+    assert pool[1] == [5] * 5
+    assert sorted(pool[0][:2]) == sorted(pool[0][2:4]) == [7, 8] and pool[0][4] in (7, 8)
+    assert sorted(pool[0][4:] + stream.draw(1)[0]) == [7, 8]  # the third round goes on in the next draw
+
+
+def test_stream_depends_only_on_seed_and_images_taken():
+    def pools(seed, sizes):
+        stream = CandidateStream(CLASS_TO_INDICES, seed=seed)
+        return [stream.draw(b) for b in sizes]
+
+    first = pools(3, [4, 4, 4])
+    assert pools(3, [4, 4, 4]) == first  # deterministic
+    assert any(pools(seed, [4, 4, 4]) != first for seed in (4, 5))
+    merged = pools(3, [12])[0]  # one draw of 12 takes what three draws of 4 took
+    assert merged == [sum((pool[c] for pool in first), []) for c in range(len(SIZES))]
+    assert pools(3, [5, 7]) == [[m[:5] for m in merged], [m[5:] for m in merged]]
+
+
+def test_stream_state_dict_round_trip_continues_identically():
+    stream = CandidateStream(CLASS_TO_INDICES, seed=11)
+    for b in (3, 5, 4):
+        stream.draw(b)
+    state = json.loads(json.dumps(stream.state_dict()))  # JSON-able, as a checkpoint stores it
+    resumed = CandidateStream(CLASS_TO_INDICES, seed=0)
+    resumed.load_state_dict(state)
+    assert [resumed.draw(b) for b in (4, 9, 1)] == [stream.draw(b) for b in (4, 9, 1)]
+    assert resumed.state_dict() == stream.state_dict()
+
+
+def test_stream_permutations_are_uniform():
+    # 1200 refills of a 3-image queue: each of the 6 orders should come up about 200 times
+    taken = stream_of_class([CandidateStream([[0, 1, 2]], seed=5).draw(3 * 1200)], 0)
+    counts = {}
+    for start in range(0, len(taken), 3):
+        counts[tuple(taken[start:start + 3])] = counts.get(tuple(taken[start:start + 3]), 0) + 1
+    assert len(counts) == 6 and all(140 < count < 260 for count in counts.values())  # ~4.6 sd either side
+
+
+def test_stream_rejects_bad_input():
+    with pytest.raises(ValueError, match="class_to_indices is empty"):
+        CandidateStream([], seed=0)
+    with pytest.raises(ValueError, match=r"class_to_indices\[1\] is empty"):
+        CandidateStream([[1], []], seed=0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        CandidateStream([[1]], seed=-1)
+    stream = CandidateStream(CLASS_TO_INDICES, seed=0)
+    with pytest.raises(ValueError, match="pool_size must be >= 1, got 0"):
+        stream.draw(0)
+    with pytest.raises(ValueError, match=r"missing keys \['taken'\]"):
+        stream.load_state_dict({"seed": 1, "num_classes": 5, "num_images": 23})
+    with pytest.raises(ValueError, match="over 4 classes and 23 images, this one has 5 and 23"):
+        stream.load_state_dict({**stream.state_dict(), "num_classes": 4})
+    with pytest.raises(ValueError, match="taken must be an integer >= 0"):
+        stream.load_state_dict({**stream.state_dict(), "taken": 1.5})
+
+
+# ---------------------------------------------------------------------------------------------
+# select_proxies
 
 
 def test_select_proxies_is_class_major_greedy_on_each_pool():
@@ -279,3 +367,58 @@ def test_select_proxies_rejects_mismatched_proxies():
         select_proxies(pool, torch.randn(7, 2), 2)
     with pytest.raises(ValueError, match=r"\(3·K', 2\)"):
         select_proxies(pool, torch.randn(6, 4), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and inf are rejected, naming the argument, its shape and the first offending row
+
+
+def with_non_finite(shape, rows, value=float("nan")):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    for row in rows:
+        x[row][0] = value
+    return x
+
+
+def test_all_nan_class_is_rejected_not_picked():
+    # before: greedy picked index 0 twice for a class of NaN candidates (argmax of NaN)
+    pools = torch.randn(3, 4, 2)
+    pools[1] = float("nan")
+    with pytest.raises(ValueError, match=r"candidates of shape \(3, 4, 2\) has 4 row\(s\) with NaN or inf, "
+                                         r"the first is candidates\[1, 0\]"):
+        greedy_k_center(pools, 2)
+    with pytest.raises(ValueError, match=r"pool of shape \(3, 4, 2\) has 4 row\(s\) .* pool\[1, 0\]"):
+        select_proxies(pools, None, 2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: greedy_k_center(with_non_finite((5, 3), [(3,)], float("inf")), 2),
+     r"candidates of shape \(5, 3\) has 1 row\(s\) with NaN or inf, the first is candidates\[3\]"),
+    (lambda: greedy_k_center(torch.randn(2, 4, 3), 2, with_non_finite((2, 3, 3), [(1, 2), (0, 1)])),
+     r"initial of shape \(2, 3, 3\) has 2 row\(s\) .* the first is initial\[0, 1\]"),
+    (lambda: select_proxies(torch.randn(2, 4, 3), with_non_finite((4, 3), [(2,)], -float("inf")), 2),
+     r"current_proxies of shape \(4, 3\) has 1 row\(s\) .* current_proxies\[2\]"),
+    (lambda: covering_radius(with_non_finite((6, 2), [(4,), (5,)]), torch.zeros(6, dtype=torch.int64),
+                             torch.randn(2, 2), torch.zeros(2, dtype=torch.int64)),
+     r"covering_radius: points of shape \(6, 2\) has 2 row\(s\) .* points\[4\]"),
+    (lambda: covering_radius(torch.randn(6, 2), torch.zeros(6, dtype=torch.int64),
+                             with_non_finite((2, 2), [(1,)]), torch.zeros(2, dtype=torch.int64)),
+     r"covering_radius: centers of shape \(2, 2\) .* centers\[1\]"),
+    (lambda: mean_interclass_distance(with_non_finite((4, 2), [(0,)], float("inf")), torch.tensor([0, 0, 1, 1])),
+     r"mean_interclass_distance: centers of shape \(4, 2\) .* centers\[0\]"),
+])
+def test_non_finite_input_is_rejected(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_stream_follows_its_documented_recipe():
+    # permutation e of class c: the stable argsort of PCG64(SeedSequence([seed, TAG, c, e]))'s raw outputs
+    def queue(seed, c, e):
+        raw = np.random.PCG64(np.random.SeedSequence([seed, 0x63616E64, c, e])).random_raw(SIZES[c])
+        return [CLASS_TO_INDICES[c][i] for i in np.argsort(raw, kind="stable")]
+
+    pool = CandidateStream(CLASS_TO_INDICES, seed=9).draw(12)
+    for c, n in enumerate(SIZES):
+        expected = [i for e in range(-(-12 // n)) for i in queue(9, c, e)][:12]
+        assert pool[c] == expected
