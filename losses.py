@@ -12,9 +12,10 @@ What lives here, top to bottom:
 
 Conventions (docs/DESIGN.md): embeddings are (n, d) floating tensors and labels (n,) integer tensors.
 The four losses use their inputs as given (the caller applies n); the baselines take raw embeddings
-and normalise inside with x/‖x‖, as their papers do. Every proxy table starts as N(0, 1/d) draws
-from the `generator` passed in. Everything runs on the inputs' device and dtype. Bad input raises
-ValueError naming what was expected, what was given and where.
+and normalise inside with their `normalize` argument: n by default, as the authors' framework that
+trained the paper's baseline rows (PAPER.md §7), or x/‖x‖ as the baselines' own papers. Every proxy
+table starts as N(0, 1/d) draws from the `generator` passed in. Everything runs on the inputs'
+device and dtype. Bad input raises ValueError naming what was expected, what was given and where.
 """
 import inspect
 import math
@@ -337,93 +338,136 @@ class CCPLoss(nn.Module):
 
 
 def _normalized_inputs(embeddings: Tensor, labels: Tensor, proxies: Tensor, num_classes: int,
-                       where: str) -> tuple[Tensor, Tensor]:
-    """Check a baseline's inputs; return x/‖x‖ of the embeddings and of the proxies."""
+                       normalize: Callable[[Tensor], Tensor], where: str) -> tuple[Tensor, Tensor]:
+    """Check a baseline's inputs; return the normalised embeddings and proxies."""
     _check_embeddings(embeddings, labels, where)
     _check_same_space(embeddings, proxies, where, "the proxies")
     _check_labels_in_range(labels, num_classes, where)
-    return l2_normalize(embeddings), l2_normalize(proxies)
+    return normalize(embeddings), normalize(proxies)
+
+
+def _check_choice(where: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{where}: expected {name} to be one of {choices}, got {value!r}")
 
 
 class ProxyAnchor(nn.Module):
-    """Proxy-Anchor loss (Kim et al., CVPR 2020) with one proxy per class as the anchor, cosine s:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020) with one proxy per class as the anchor, s = ⟨z(x), z(p)⟩:
     (1/|P⁺|) Σ_{p∈P⁺} log(1 + Σ_{x∈X⁺_p} e^{−α(s(x,p) − δ)})
-      + (1/|P|) Σ_{p∈P} log(1 + Σ_{x∈X⁻_p} e^{α(s(x,p) + δ)}),
-    P⁺ the proxies with a positive in the batch. Proxies start as N(0, 1/d) draws from `generator`."""
+      + (1/|P⁻|) Σ_{p∈P} log(1 + Σ_{x∈X⁻_p} e^{α(s(x,p) + δ)}),
+    P⁺ (P⁻) the proxies with a positive (a negative) in the batch and z = `normalize`. The
+    defaults follow the authors' framework, where the paper's baseline rows were trained; the
+    switches give Kim et al.'s version (`normalize=l2_normalize, push_over_all_proxies=True`).
+    Proxies start as N(0, 1/d) draws from `generator`."""
 
     def __init__(self, num_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, *,
+                 normalize: Callable[[Tensor], Tensor] = lipschitz_normalize,  # n(x), the authors' (PAPER.md §7)
+                 push_over_all_proxies: bool = False) -> None:  # False: ÷|P⁻| as the authors' code (PAPER.md §7)
         super().__init__()
         _check_positive("ProxyAnchor", num_classes=num_classes, dim=dim, alpha=alpha)
         self.num_classes, self.margin, self.alpha = num_classes, margin, alpha
+        self.normalize, self.push_over_all_proxies = normalize, push_over_all_proxies
         self.proxies = nn.Parameter(_random_proxies(num_classes, dim, generator))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, "ProxyAnchor")
+        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize, "ProxyAnchor")
         s = p @ x.T  # (C, n): each proxy is an anchor, the batch its references
         pos = torch.arange(self.num_classes, device=labels.device)[:, None] == labels[None, :]
         with_positive = pos.any(dim=1)
         pull = _log1p_sum_exp(-self.alpha * (s - self.margin), ~pos)[with_positive].sum() / with_positive.sum()
-        push = _log1p_sum_exp(self.alpha * (s + self.margin), pos).sum() / self.num_classes
+        # a proxy without a negative in the batch adds log 1 = 0 to the push sum either way; only the count differs
+        push_count = self.num_classes if self.push_over_all_proxies else (~pos).any(dim=1).sum().clamp_min(1)
+        push = _log1p_sum_exp(self.alpha * (s + self.margin), pos).sum() / push_count
         return pull + push
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, dim={self.proxies.shape[1]}, margin={self.margin}, alpha={self.alpha}"
+        return (f"num_classes={self.num_classes}, dim={self.proxies.shape[1]}, margin={self.margin}, "
+                f"alpha={self.alpha}, normalize={_name(self.normalize)}, "
+                f"push_over_all_proxies={self.push_over_all_proxies}")
 
 
 class ProxyNCAPlusPlus(nn.Module):
-    """ProxyNCA++ (Teh et al., ECCV 2020): softmax over −‖x̂ − p̂_c‖²/T with the positive proxy in the
-    denominator, −log(e^{−‖x̂−p̂_y‖²/T} / Σ_c e^{−‖x̂−p̂_c‖²/T}), averaged over the batch."""
+    """ProxyNCA++ (Teh et al., ECCV 2020): a softmax over the proxies with the positive one in the
+    denominator, −log(e^{ℓ_y} / Σ_c e^{ℓ_c}), averaged over the batch, with z = `normalize` and logits
+    ℓ_c = ⟨z(x), z(p_c)⟩/T ("similarity", the authors' code) or −‖z(x) − z(p_c)‖²/T ("squared_distance",
+    Teh et al.). On the sphere the second is 2·⟨z(x), z(p_c)⟩/T up to a constant: similarity at T
+    equals squared_distance at 2T. The default T = 0.11 is the authors' shipped scale 1/0.11, which
+    produced the paper's baseline rows; the supplement rounds it to 0.1 (PAPER.md §7)."""
 
-    def __init__(self, num_classes: int, dim: int, temperature: float = 0.1,
-                 generator: Optional[torch.Generator] = None) -> None:
+    LOGITS = ("similarity", "squared_distance")
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.11,
+                 generator: Optional[torch.Generator] = None, *,
+                 normalize: Callable[[Tensor], Tensor] = lipschitz_normalize,  # n(x), the authors' (PAPER.md §7)
+                 logits: str = "similarity") -> None:  # ⟨z(x), z(p)⟩/T as the authors' code (PAPER.md §7)
         super().__init__()
         _check_positive("ProxyNCAPlusPlus", num_classes=num_classes, dim=dim, temperature=temperature)
-        self.num_classes, self.temperature = num_classes, temperature
+        _check_choice("ProxyNCAPlusPlus", "logits", logits, self.LOGITS)
+        self.num_classes, self.temperature, self.normalize, self.logits = num_classes, temperature, normalize, logits
         self.proxies = nn.Parameter(_random_proxies(num_classes, dim, generator))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, "ProxyNCAPlusPlus")
-        return F.cross_entropy(-squared_distance(x, p) / self.temperature, labels.long())
+        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize,
+                                  "ProxyNCAPlusPlus")
+        closeness = x @ p.T if self.logits == "similarity" else -squared_distance(x, p)
+        return F.cross_entropy(closeness / self.temperature, labels.long())
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, dim={self.proxies.shape[1]}, temperature={self.temperature}"
+        return (f"num_classes={self.num_classes}, dim={self.proxies.shape[1]}, temperature={self.temperature}, "
+                f"normalize={_name(self.normalize)}, logits={self.logits}")
 
 
 class SoftTriple(nn.Module):
     """SoftTriple loss (Qian et al., ICCV 2019) with K centers per class (class-major rows):
-    S_c(x) = Σ_k softmax_k(s_ck/γ)·s_ck;  ℓ = cross-entropy of λ·(S_c − δ·[c = y]);
-    plus τ · Σ_c Σ_{t<t'} ‖ŵ_ct − ŵ_ct'‖ / (C·K·(K − 1)), the regulariser that merges close centers."""
+    S_c(x) = Σ_k softmax_k(s_ck/γ)·s_ck, s_ck = ⟨z(x), z(w_ck)⟩, z = `normalize`;
+    ℓ = cross-entropy of λ·(S_c − δ·[c = y]);
+    plus τ · Σ_c Σ_{t<t'} D(w_ct, w_ct') / (C·K·(K − 1)), the regulariser that merges close centers,
+    with D = ‖z(w) − z(w')‖ ("normalized", Qian et al.) or √[2 − 2⟨w, w'⟩]₊ on the raw centers ("raw",
+    the authors' code: equal to the first for unit centers; where ⟨w, w'⟩ ≥ 1 their gradient is NaN
+    and this one takes the subgradient 0, PAPER.md §7)."""
+
+    CENTER_REGULARIZERS = ("normalized", "raw")
 
     def __init__(self, num_classes: int, dim: int, centers_per_class: int = 10, la: float = 20.0,
                  gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, *,
+                 normalize: Callable[[Tensor], Tensor] = lipschitz_normalize,  # n(x), the authors' (PAPER.md §7)
+                 center_regularizer: str = "normalized") -> None:  # theirs ("raw") has NaN gradients (PAPER.md §7)
         super().__init__()
         _check_positive("SoftTriple", num_classes=num_classes, dim=dim, centers_per_class=centers_per_class,
                         la=la, gamma=gamma)
+        _check_choice("SoftTriple", "center_regularizer", center_regularizer, self.CENTER_REGULARIZERS)
         self.num_classes, self.centers_per_class = num_classes, centers_per_class
         self.la, self.gamma, self.tau, self.margin = la, gamma, tau, margin
+        self.normalize, self.center_regularizer = normalize, center_regularizer
         self.proxies = nn.Parameter(_random_proxies(num_classes * centers_per_class, dim, generator))
 
-    def center_regularizer(self, w: Tensor) -> Tensor:
-        """Σ_c Σ_{t<t'} ‖w_ct − w_ct'‖ / (C·K·(K − 1)) for normalised centers w (C·K, d); 0 when K = 1."""
+    def regularizer(self, w: Tensor, raw: Tensor) -> Tensor:
+        """Σ_c Σ_{t<t'} D(w_ct, w_ct') / (C·K·(K − 1)) from the normalised centers w and the raw ones
+        (both (C·K, d)); 0 when K = 1."""
         C, K = self.num_classes, self.centers_per_class
         if K == 1:
             return w.sum() * 0.0
-        d = pairwise_distance(w.view(C, K, -1), w.view(C, K, -1))  # (C, K, K)
+        if self.center_regularizer == "normalized":
+            d = pairwise_distance(w.view(C, K, -1), w.view(C, K, -1))  # (C, K, K)
+        else:
+            sq = 2 - 2 * raw.view(C, K, -1) @ raw.view(C, K, -1).transpose(1, 2)  # 2 − 2⟨w, w'⟩, (C, K, K)
+            d = torch.where(sq > 0, torch.where(sq > 0, sq, 1.0).sqrt(), 0.0)  # subgradient 0 where the root is 0
         return d.triu(diagonal=1).sum() / (C * K * (K - 1))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, w = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, "SoftTriple")
+        x, w = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize, "SoftTriple")
         s = (x @ w.T).view(len(x), self.num_classes, self.centers_per_class)
         class_similarity = (F.softmax(s / self.gamma, dim=2) * s).sum(dim=2)  # S_c(x), (n, C)
         margins = self.margin * F.one_hot(labels.long(), self.num_classes).to(s.dtype)
         loss = F.cross_entropy(self.la * (class_similarity - margins), labels.long())
-        return loss + self.tau * self.center_regularizer(w)
+        return loss + self.tau * self.regularizer(w, self.proxies)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.proxies.shape[1]}, centers_per_class="
-                f"{self.centers_per_class}, la={self.la}, gamma={self.gamma}, tau={self.tau}, margin={self.margin}")
+                f"{self.centers_per_class}, la={self.la}, gamma={self.gamma}, tau={self.tau}, margin={self.margin}, "
+                f"normalize={_name(self.normalize)}, center_regularizer={self.center_regularizer}")
 
 
 class CrossBatchMemory(nn.Module):

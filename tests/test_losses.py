@@ -455,30 +455,43 @@ def test_xbm_bad_input():
 # --------------------------------------------------------------------------- baselines
 
 
-def ref_proxy_anchor(x, y, proxies, margin, alpha):
-    X, P, Y = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in proxies.tolist()], y.tolist()
-    pull, with_positive, push = 0.0, 0, 0.0
+def ref_lipschitz(u):
+    """n(u) = u / max(1, ‖u‖) (PAPER.md §3)."""
+    return [a / max(1.0, math.sqrt(ref_dot(u, u))) for a in u]
+
+
+# the baselines' normalisations: the default n(x) (the authors' framework, PAPER.md §7) and x/‖x‖
+BASELINE_NORMALIZE = {"lipschitz": (losses.lipschitz_normalize, ref_lipschitz), "l2": (losses.l2_normalize, ref_unit)}
+
+
+def ref_proxy_anchor(x, y, proxies, margin, alpha, unit, push_over_all_proxies):
+    X, P, Y = [unit(r) for r in x.tolist()], [unit(r) for r in proxies.tolist()], y.tolist()
+    pull, with_positive, push, with_negative = 0.0, 0, 0.0, 0
     for c, p in enumerate(P):
         pos = [ref_dot(a, p) for a, label in zip(X, Y) if label == c]
         neg = [ref_dot(a, p) for a, label in zip(X, Y) if label != c]
         if pos:
             with_positive += 1
             pull += math.log(1 + sum(math.exp(-alpha * (s - margin)) for s in pos))
+        with_negative += bool(neg)
         push += math.log(1 + sum(math.exp(alpha * (s + margin)) for s in neg))
-    return pull / with_positive + push / len(P)
+    return pull / with_positive + push / (len(P) if push_over_all_proxies else with_negative)
 
 
-def ref_proxy_nca(x, y, proxies, temperature):
-    X, P = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in proxies.tolist()]
+def ref_proxy_nca(x, y, proxies, temperature, unit, logits):
+    X, P = [unit(r) for r in x.tolist()], [unit(r) for r in proxies.tolist()]
     total = 0.0
     for a, label in zip(X, y.tolist()):
-        logits = [-ref_dist(a, p) ** 2 / temperature for p in P]
-        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+        if logits == "similarity":
+            scores = [ref_dot(a, p) / temperature for p in P]
+        else:
+            scores = [-ref_dist(a, p) ** 2 / temperature for p in P]
+        total += -scores[label] + math.log(sum(math.exp(v) for v in scores))
     return total / len(X)
 
 
-def ref_soft_triple(x, y, centers, C, K, la, gamma, tau, margin):
-    X, W = [ref_unit(r) for r in x.tolist()], [ref_unit(r) for r in centers.tolist()]
+def ref_soft_triple(x, y, centers, C, K, la, gamma, tau, margin, unit, center_regularizer):
+    X, W, raw = [unit(r) for r in x.tolist()], [unit(r) for r in centers.tolist()], centers.tolist()
     total = 0.0
     for a, label in zip(X, y.tolist()):
         logits = []
@@ -488,44 +501,94 @@ def ref_soft_triple(x, y, centers, C, K, la, gamma, tau, margin):
             S = sum(w * v for w, v in zip(weights, s)) / sum(weights)
             logits.append(la * (S - (margin if c == label else 0.0)))
         total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
-    reg = sum(ref_dist(W[c * K + t], W[c * K + u]) for c in range(C) for t in range(K) for u in range(t + 1, K))
+
+    def D(i, j):
+        if center_regularizer == "normalized":
+            return ref_dist(W[i], W[j])
+        return math.sqrt(max(0.0, 2 - 2 * ref_dot(raw[i], raw[j])))
+    reg = sum(D(c * K + t, c * K + u) for c in range(C) for t in range(K) for u in range(t + 1, K))
     return total / len(X) + (tau * reg / (C * K * (K - 1)) if K > 1 else 0.0)
 
 
 def baseline_data(seed):
+    # rows inside the unit ball and outside it, so that n(x) and x/‖x‖ differ
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(7, 5, generator=g, dtype=torch.float64) * 3, torch.tensor([0, 0, 2, 2, 3, 1, 1])
+    scale = torch.tensor([3.0, 0.2, 3.0, 0.3, 2.0, 0.1, 3.0], dtype=torch.float64)[:, None]
+    return torch.randn(7, 5, generator=g, dtype=torch.float64) * scale, torch.tensor([0, 0, 2, 2, 3, 1, 1])
 
 
-@pytest.mark.parametrize("margin, alpha", [(0.1, 32.0), (0.0, 4.0)])
-def test_proxy_anchor_matches_reference(margin, alpha):
+def check_baseline(loss, x, y, expected):
+    close(loss(x, y), expected)
+    # fast mode checks random directional derivatives: 30x cheaper for these 12 cases, and the full
+    # gradients are compared with the authors' in test_golden.py
+    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
+                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()),
+                                    fast_mode=True)
+
+
+# each baseline in its default settings (the authors' framework) and in its own paper's
+@pytest.mark.parametrize("normalize, push_over_all_proxies", [("lipschitz", False), ("l2", True)])
+@pytest.mark.parametrize("margin, alpha, one_class", [(0.1, 32.0, False), (0.0, 4.0, False), (0.1, 32.0, True)])
+def test_proxy_anchor_matches_reference(margin, alpha, one_class, normalize, push_over_all_proxies):
     x, y = baseline_data(14)
-    loss = losses.ProxyAnchor(6, 5, margin=margin, alpha=alpha, generator=torch.Generator().manual_seed(0)).double()
+    if one_class:  # the batch's class has no negative: the push counts differ (5 proxies or 6)
+        y = torch.full_like(y, 2)
+    fn, unit = BASELINE_NORMALIZE[normalize]
+    loss = losses.ProxyAnchor(6, 5, margin=margin, alpha=alpha, generator=torch.Generator().manual_seed(0),
+                              normalize=fn, push_over_all_proxies=push_over_all_proxies).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (6, 5)
-    close(loss(x, y), ref_proxy_anchor(x, y, loss.proxies.detach(), margin, alpha))
-    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
-                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+    expected = ref_proxy_anchor(x, y, loss.proxies.detach(), margin, alpha, unit, push_over_all_proxies)
+    check_baseline(loss, x, y, expected)
 
 
-@pytest.mark.parametrize("temperature", [0.1, 1.0])
-def test_proxy_nca_plus_plus_matches_reference(temperature):
+@pytest.mark.parametrize("normalize, logits", [("lipschitz", "similarity"), ("l2", "squared_distance")])
+@pytest.mark.parametrize("temperature", [0.11, 1.0])
+def test_proxy_nca_plus_plus_matches_reference(temperature, normalize, logits):
     x, y = baseline_data(15)
-    loss = losses.ProxyNCAPlusPlus(4, 5, temperature=temperature).double()
+    fn, unit = BASELINE_NORMALIZE[normalize]
+    loss = losses.ProxyNCAPlusPlus(4, 5, temperature=temperature, normalize=fn, logits=logits).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4, 5)
-    close(loss(x, y), ref_proxy_nca(x, y, loss.proxies.detach(), temperature))
-    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
-                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+    check_baseline(loss, x, y, ref_proxy_nca(x, y, loss.proxies.detach(), temperature, unit, logits))
 
 
+@pytest.mark.parametrize("normalize, center_regularizer", [("lipschitz", "normalized"), ("l2", "raw")])
 @pytest.mark.parametrize("K, la, gamma, tau, margin", [(3, 20.0, 0.1, 0.2, 0.01), (1, 17.69, 19.18, 0.0669, 0.3588),
                                                        (2, 100.0, 47.9, 0.2, 0.3145)])
-def test_soft_triple_matches_reference(K, la, gamma, tau, margin):
+def test_soft_triple_matches_reference(K, la, gamma, tau, margin, normalize, center_regularizer):
     x, y = baseline_data(16)
-    loss = losses.SoftTriple(4, 5, centers_per_class=K, la=la, gamma=gamma, tau=tau, margin=margin).double()
+    fn, unit = BASELINE_NORMALIZE[normalize]
+    loss = losses.SoftTriple(4, 5, centers_per_class=K, la=la, gamma=gamma, tau=tau, margin=margin,
+                             normalize=fn, center_regularizer=center_regularizer).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4 * K, 5)
-    close(loss(x, y), ref_soft_triple(x, y, loss.proxies.detach(), 4, K, la, gamma, tau, margin))
-    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
-                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()))
+    expected = ref_soft_triple(x, y, loss.proxies.detach(), 4, K, la, gamma, tau, margin, unit, center_regularizer)
+    check_baseline(loss, x, y, expected)
+
+
+def test_baseline_defaults_are_the_authors():
+    # PAPER.md §7: n(x), Proxy-Anchor's push over the proxies with a negative, ProxyNCA++ similarity
+    # logits at the shipped scale 1/0.11, SoftTriple's finite (normalised) regulariser
+    for loss in (losses.ProxyAnchor(3, 4), losses.ProxyNCAPlusPlus(3, 4), losses.SoftTriple(3, 4)):
+        assert loss.normalize is losses.lipschitz_normalize
+    assert losses.ProxyAnchor(3, 4).push_over_all_proxies is False
+    nca = losses.ProxyNCAPlusPlus(3, 4)
+    assert (nca.temperature, nca.logits) == (0.11, "similarity")
+    assert losses.SoftTriple(3, 4).center_regularizer == "normalized"
+    with pytest.raises(ValueError, match="logits to be one of"):
+        losses.ProxyNCAPlusPlus(3, 4, logits="cosine")
+    with pytest.raises(ValueError, match="center_regularizer to be one of"):
+        losses.SoftTriple(3, 4, center_regularizer="unit")
+
+
+def test_soft_triple_raw_regularizer_stays_finite_where_the_authors_is_nan():
+    # two centers of a class with ⟨w, w'⟩ > 1: the root's argument 2 − 2⟨w, w'⟩ is clamped at 0
+    loss = losses.SoftTriple(2, 3, centers_per_class=2, center_regularizer="raw").double()
+    with torch.no_grad():
+        loss.proxies.copy_(torch.tensor([[1.2, 0, 0], [1.1, 0.1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64))
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    loss(x, y).backward()
+    assert torch.isfinite(loss.proxies.grad).all()
+    with torch.no_grad():
+        assert float(loss.regularizer(loss.normalize(loss.proxies), loss.proxies)) == pytest.approx(2 ** 0.5 / 4)
 
 
 @pytest.mark.parametrize("make", [lambda: losses.ProxyAnchor(3, 4), lambda: losses.ProxyNCAPlusPlus(3, 4),
