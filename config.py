@@ -1,21 +1,25 @@
 """Reading and validating a run's YAML config: `base:` files, `key=value` overrides, and checks.
 
 train.py owns the keys and their defaults (its DEFAULTS); this file owns the machinery that turns a
-file and overrides into a validated config: every key known (an unknown one gets a did-you-mean),
-every value of its type and among its choices, keyword-argument mappings checked against the
-signature of the function they are passed to. Errors are ConfigError (a ValueError) naming the
-key and the file.
+file and overrides into a validated config, before any work starts: every key known (an unknown one
+gets a did-you-mean), every value of its type, among its CHOICES or within its RANGES, keyword-argument
+mappings checked against the signature of the function they are passed to, and the few rules that
+tie keys together. Errors are ConfigError (a ValueError), one line naming the file, the key, the
+value and what is valid.
 """
 from __future__ import annotations
 
 import copy
 import difflib
 import inspect
+import math
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
+import data
 import losses
 import model
 
@@ -28,10 +32,14 @@ CHOICES = {
     "method": ("ccp", "baseline", "proxy_anchor", "proxynca++", "softtriple", "xbm"),
     "normalization": tuple(losses.NORMALIZATIONS),
     "dataset.name": ("cub", "cars", "sop", "inshop", "digits"),
+    "data.transform": ("bninception", "resnet", "digits"),
+    "data.sampler": tuple(data.SAMPLER_ORDERS),
     "loss.name": tuple(losses.LOSSES),
     "ccp.proxy_init": ("kcenter", "random"),
-    "model.pooling": ("avg", "max"),
+    "model.pooling": tuple(model.POOLINGS),
     "model.backbone": tuple(model.BACKBONES),
+    "train.adam_epsilon": ("keras", "torch"),
+    "evaluation.ensemble": ("authors", "mlrc"),
 }
 PROXY_BASELINES = {
     "proxy_anchor": losses.ProxyAnchor,
@@ -40,14 +48,110 @@ PROXY_BASELINES = {
 }
 
 
+class Range(NamedTuple):
+    """The valid values of a key: a test of a value already of the key's type, and its description."""
+    valid: Callable[[Any], bool]
+    text: str
+
+
+def finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def at_least(low: int) -> Range:
+    return Range(lambda v: v >= low, f"an integer >= {low}")
+
+
+POSITIVE = Range(lambda v: finite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = Range(lambda v: finite(v) and v >= 0, "a finite number >= 0")
+# The valid values of every key that is neither boolean, nor a choice, nor free text (a path, a name).
+RANGES = {
+    # 32 bits, so that the seeds derived from it (seed + repeat, seed + 1, ...) fit torch's 64
+    "seed": Range(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "run_dir": Range(lambda v: v.strip() != "", "a non-empty path"),
+    "resume": Range(lambda v: v.strip() != "", "a checkpoint path, auto or null"),
+    "device": Range(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "folds": at_least(2),  # a fold validates on one block of classes and trains on the others (PAPER.md §7)
+    "repeats": at_least(1),
+    "data.crop_size": at_least(1),
+    "data.resize": at_least(1),
+    "data.classes_per_batch": at_least(1),
+    "data.samples_per_class": at_least(1),
+    "data.eval_batch_size": at_least(1),
+    "data.num_workers": at_least(0),
+    "model.embedding_dim": at_least(1),
+    "ccp.pair_weight": NON_NEGATIVE,
+    "ccp.proxy_weight": NON_NEGATIVE,
+    "ccp.proxies_per_class": at_least(1),
+    "ccp.pool_size": at_least(1),
+    "projection.lam": NON_NEGATIVE,
+    "projection.decay": NON_NEGATIVE,
+    "projection.instance_patience": at_least(1),
+    "projection.min_evaluations": at_least(1),
+    "projection.min_delta": NON_NEGATIVE,
+    "baseline.proxy_lr_multiplier": POSITIVE,
+    "baseline.warmup_steps": at_least(0),
+    "baseline.xbm_memory_batches": at_least(1),
+    "baseline.xbm_start_step": at_least(0),
+    "train.max_steps": at_least(1),
+    "train.eval_every": at_least(1),
+    "train.patience": at_least(1),
+    "train.lr": POSITIVE,
+    "train.betas": Range(lambda v: len(v) == 2 and all(finite(b) and 0 <= b < 1 for b in v),
+                         "exactly 2 numbers (beta1, beta2), each in [0, 1)"),
+    "train.eps": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.clip_norm": POSITIVE,
+    "train.clip_value": POSITIVE,
+    "train.log_every_seconds": NON_NEGATIVE,
+    "evaluation.recall_ks": Range(lambda v: len(v) > 0 and len(set(v)) == len(v)
+                                  and all(isinstance(k, int) and k >= 1 for k in v),
+                                  "a non-empty list of distinct integers >= 1"),
+}
+
+
 class ConfigError(ValueError):
-    """A config file or override that cannot be run; the message names the key and the file."""
+    """A config file or override that cannot be run; the one-line message names the key and the file."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in first:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {first[key]})")
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML without duplicate keys; a syntax error as one line: 'line L, column C: problem'."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"not valid YAML: {where}{err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if "." in str(key):  # `train.lr: 0.1` in a file would otherwise pass as a key and change nothing
+            raise ConfigError(f"config key {dotted!r}: write sections nested ({str(key).split('.')[0]}: ...), "
+                              f"dotted keys are for key=value overrides")
         if isinstance(value, dict) and dotted not in KWARGS_KEYS:
             flat.update(flatten(value, dotted + "."))
         else:
@@ -74,15 +178,17 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        tree = parse_yaml(path.read_text()) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return _merge(_read_yaml(path.parent / base, chain + (path,)), tree)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r} ({type(base).__name__})")
+    return _merge(_read_yaml(path.parent / Path(base).expanduser(), chain + (path,)), tree)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -94,6 +200,25 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def _as_float(value: Any) -> Any:
+    """A string that reads as a float, as one: YAML 1.1 reads 1e-3 (no dot) as the string '1e-3'."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """value with float strings read as floats where the key holds a float (or a list of floats)."""
+    if isinstance(default, float):
+        return _as_float(value)
+    if isinstance(default, list) and default and all(isinstance(d, float) for d in default) and isinstance(value, list):
+        return [_as_float(v) for v in value]
+    return value
+
+
 def _check_type(key: str, value: Any, default: Any) -> None:
     if value is None and key in NULLABLE:
         return
@@ -101,10 +226,36 @@ def _check_type(key: str, value: Any, default: Any) -> None:
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
-    if expected is list and ok:
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    name = expected.__name__
+    if expected is list:
+        name = "a list of numbers"
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
-        raise ConfigError(f"config key {key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+        number = _as_float(value)
+        hint = f"; write {int(number)}" if expected is int and isinstance(number, float) and number.is_integer() else ""
+        raise ConfigError(f"config key {key}: expected {name}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _check_value(key: str, value: Any) -> None:
+    """value among the key's CHOICES and within its RANGES (a null of a nullable key passes)."""
+    choices = CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
+    rule = RANGES.get(key)
+    if rule and value is not None and not rule.valid(value):
+        raise ConfigError(f"config key {key}: expected {rule.text}, got {value!r}")
+
+
+def _unknown_key(key: str, value: Any, defaults: dict[str, Any]) -> ConfigError:
+    """An unknown key, with a did-you-mean; a section given a value names the keys it holds."""
+    inside = [k for k in defaults if k.startswith(key + ".")]
+    if inside:
+        fits = [k for k in inside if value in CHOICES.get(k, ())]  # dataset=digits -> dataset.name=digits
+        hint = f"; did you mean {fits[0]}={value}?" if fits else ""
+        return ConfigError(f"config key {key} is a section, not a value: set one of {', '.join(inside)}{hint}")
+    close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key}{hint}")
 
 
 def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
@@ -123,35 +274,42 @@ def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
                               f"(valid: {', '.join(valid)}){hint}")
 
 
+def _check_combinations(cfg: dict) -> None:
+    """The rules that tie keys together."""
+    if cfg["fold"] is not None and not 0 <= cfg["fold"] < cfg["folds"]:
+        raise ConfigError(f"config key fold: {cfg['fold']} is outside 0..{cfg['folds'] - 1} (folds: {cfg['folds']})")
+    if cfg["ccp"]["pair_weight"] == 0 and cfg["ccp"]["proxy_weight"] == 0:
+        raise ConfigError("config keys ccp.pair_weight and ccp.proxy_weight are both 0: the loss would be 0")
+    dc = cfg["data"]
+    if dc["transform"] != "digits" and dc["crop_size"] > dc["resize"]:
+        raise ConfigError(f"config key data.crop_size: expected at most data.resize ({dc['resize']}), "
+                          f"got {dc['crop_size']}")
+    if cfg["method"] not in PROXY_BASELINES:
+        for key in ("params", "warmup_steps"):
+            if cfg["baseline"][key]:
+                raise ConfigError(f"config key baseline.{key} applies to the proxy baselines "
+                                  f"({', '.join(PROXY_BASELINES)}), not to method {cfg['method']}")
+    if cfg["eval_only"] and cfg["resume"] in (None, "auto"):
+        why = " (auto is for continuing a training run in run_dir)" if cfg["resume"] else ""
+        raise ConfigError(f"eval_only: true needs resume: PATH, the checkpoint to evaluate, got resume: "
+                          f"{cfg['resume'] or 'null'}{why}")
+
+
 def validate_config(cfg: dict, defaults: dict) -> dict:
-    """Every key of cfg known to `defaults`, of the right type and among the choices; returns cfg."""
+    """Every key of cfg known, of its type and valid value, float strings read as floats; returns cfg."""
     defaults, flat = flatten(defaults), flatten(cfg)
     for key, value in flat.items():
         if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {key}{hint}")
+            raise _unknown_key(key, value, defaults)
+        value = _coerce(value, defaults[key])
+        _set_dotted(cfg, key, value)
         _check_type(key, value, defaults[key])
-        choices = CHOICES.get(key)
-        if choices and value not in choices:
-            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
+        _check_value(key, value)
     _check_kwargs("loss.params", cfg["loss"]["params"], losses.LOSSES[cfg["loss"]["name"]])
     _check_kwargs("model.backbone_kwargs", cfg["model"]["backbone_kwargs"], model.BACKBONES[cfg["model"]["backbone"]])
     if cfg["method"] in PROXY_BASELINES:
         _check_kwargs("baseline.params", cfg["baseline"]["params"], PROXY_BASELINES[cfg["method"]])
-    if cfg["fold"] is not None and not 0 <= cfg["fold"] < cfg["folds"]:
-        raise ConfigError(f"config key fold: {cfg['fold']} is outside 0..{cfg['folds'] - 1} (folds: {cfg['folds']})")
-    for key in ("train.max_steps", "train.eval_every", "folds", "repeats", "data.classes_per_batch",
-                "data.samples_per_class", "ccp.proxies_per_class", "ccp.pool_size"):
-        if flat[key] < 1:
-            raise ConfigError(f"config key {key}: must be at least 1, got {flat[key]}")
-    if cfg["method"] not in PROXY_BASELINES:
-        for key in ("baseline.params", "baseline.warmup_steps"):
-            if flat[key]:
-                raise ConfigError(f"config key {key} applies to the proxy baselines "
-                                  f"({', '.join(PROXY_BASELINES)}), not to method {cfg['method']}")
-    if cfg["eval_only"] and not cfg["resume"]:
-        raise ConfigError("eval_only: true needs resume: PATH, the checkpoint to evaluate")
+    _check_combinations(cfg)
     return cfg
 
 
@@ -163,9 +321,9 @@ def load_config(path: str | Path, overrides: list[str], defaults: dict) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+            value = parse_yaml(text)
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
         _set_dotted(cfg, key, value)
     try:
         return validate_config(cfg, defaults)
