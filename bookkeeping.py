@@ -9,9 +9,14 @@ temporary file and a rename, so a crash never leaves a half-written checkpoint, 
 """
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import math
 import os
+import pickle
+import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,29 +24,46 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
 import evaluate
 from config import ConfigError, flatten
 
 # Keys a checkpoint must agree on with the config that resumes it: they shape the saved state.
 STATE_SHAPING_KEYS = ("method", "dataset.name", "folds", "model.backbone", "model.embedding_dim",
-                      "model.pooling", "model.freeze_bn", "model.backbone_kwargs", "ccp.proxies_per_class")
+                      "model.pooling", "model.freeze_bn", "model.backbone_kwargs", "ccp.proxies_per_class",
+                      "data.sampler")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only folder: one message that names the file
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}; any previous version is kept") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no .tmp behind
+
+
+def save_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """np.savez through atomic_write, into a file that is closed before the rename (given a name, numpy
+    would append .npz to the temporary one)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
 def save_json(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    """Strict JSON (allow_nan=False): NaN or Infinity is an error here, never a token other readers reject."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
 
 
 def append_jsonl(record: dict, path: Path) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -66,16 +88,24 @@ def make_deterministic(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions and matrix products on CUDA:
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would change results between GPU generations
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """The global generators' states as tensors and plain numbers (a checkpoint loads with weights_only)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -83,8 +113,10 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, stateful: dict[str, Any], **progress: Any) -> None:
     """Every object's state_dict under its name (None stays None), the progress, RNG and provenance."""
     state = {name: None if obj is None else obj.state_dict() for name, obj in stateful.items()}
-    state.update(progress, rng=rng_state(), git_commit=git_commit())
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    state.update(progress, rng=rng_state(), git_commit=git_commit(), threads=torch.get_num_threads())
+    buffer = io.BytesIO()  # serialised in memory: a full disk then fails the plain write with OSError (ENOSPC),
+    torch.save(state, buffer)  # not torch's zip writer with "unexpected pos"
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def restore_checkpoint(state: dict, stateful: dict[str, Any]) -> None:
@@ -95,18 +127,29 @@ def restore_checkpoint(state: dict, stateful: dict[str, Any]) -> None:
     set_rng_state(state["rng"])
 
 
+# What every checkpoint of train.py holds besides the stateful objects (Run.save in build.py).
+CHECKPOINT_KEYS = ("model", "config", "step", "fold", "seed", "best")
+
+
 def load_checkpoint(path: str | Path, cfg: dict | None = None) -> dict:
     """A checkpoint written by train.py; with cfg, also check that cfg can continue from it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (resume: takes a last.pt or best.pt, or auto)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain Python values only, so a crafted file cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsupported is None:
+            raise ConfigError(f"resume: cannot read checkpoint {path}: not a torch file, or a damaged one") from None
+        raise ConfigError(f"resume: refused to load {path}: it holds a {unsupported.group(1)} object; a checkpoint of "
+                          f"train.py holds only tensors and plain Python values, and loading anything else could "
+                          f"run code") from None
     except Exception as err:  # truncated or foreign files fail in many ways inside torch/pickle
         raise ConfigError(f"resume: cannot read checkpoint {path}: {err}") from None
-    if not isinstance(state, dict) or not {"model", "config", "step", "fold"} <= state.keys():
+    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= state.keys():
         raise ConfigError(f"resume: {path} is not a checkpoint written by train.py "
-                          f"(expected a dict with model, config, step and fold)")
+                          f"(expected a dict with {', '.join(CHECKPOINT_KEYS)})")
     if cfg is not None:
         saved, wanted = flatten(state["config"]), flatten(cfg)
         differ = [k for k in STATE_SHAPING_KEYS if saved.get(k) != wanted[k]]
@@ -117,9 +160,79 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None) -> dict:
     return state
 
 
+RUN_FILES = ("last.pt", "results.json", "metrics.jsonl", "config.yaml")
+
+
 def holds_results(run_dir: Path) -> bool:
-    """Whether run_dir (or a fold/seed folder in it) already holds a checkpoint or results to keep."""
-    return run_dir.is_dir() and any(any(run_dir.rglob(name)) for name in ("last.pt", "results.json"))
+    """Whether run_dir (or a fold/seed folder in it) already holds a run's files, which are never overwritten."""
+    return run_dir.is_dir() and any(any(run_dir.rglob(name)) for name in RUN_FILES)
+
+
+class RunLock:
+    """An exclusive lock on run_dir for one process (flock on run_dir/.lock, which the kernel releases
+    when the process ends, killed or not); a second process is refused with the holder's name."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = self.path.open("a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise ConfigError(f"run_dir {self.path.parent} is in use by {holder}; wait for it to end or choose "
+                              f"another run_dir") from None
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def write_config_once(run_dir: Path, cfg: dict) -> None:
+    """run_dir/config.yaml: the settings a run started with, never overwritten by a resume."""
+    if not (run_dir / "config.yaml").exists():
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg, sort_keys=False)))
+
+
+def record_segment(run_dir: Path, cfg: dict, from_step: int) -> None:
+    """segments.jsonl gains one line per start or resume of a model's training: the settings, commit
+    and thread count that segment ran with (config.yaml keeps those the run started with)."""
+    write_config_once(run_dir, cfg)
+    append_jsonl({"from_step": from_step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit(),
+                  "threads": torch.get_num_threads(), "config": cfg}, run_dir / "segments.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a torn last line (a crash mid-append) is dropped."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err}); the log is damaged") from None
+    return records
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Drop the records written after `step` (a resumed run continues from the checkpoint at `step`)."""
+    if not path.exists():
+        return
+    kept = [record for record in read_jsonl(path) if record["step"] <= step]
+    text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in kept)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class Progress:
@@ -165,3 +278,36 @@ def table_with_sd(mean: dict[str, float], sd: dict[str, float] | None) -> str:
         return "\n".join(lines)
     return "\n".join(lines[:1] + [line + (f" ± {100 * sd[key]:.2f}" if not isinstance(mean[key], int) else "")
                                    for line, key in zip(lines[1:], (line.split()[0] for line in lines[1:]))])
+
+
+# Keys that say which models a run directory holds: a resume may not change them.
+RUN_SHAPING_KEYS = ("seed", "fold", "folds", "repeats")
+
+
+def check_run_dir(cfg: dict, run_dir: Path) -> None:
+    """A new run never overwrites one; a resumed run holds the same models as the run it continues."""
+    if cfg["resume"] is None and holds_results(run_dir):
+        raise ConfigError(f"run_dir {run_dir} already holds a run; continue it with resume=auto, or choose "
+                          f"another run_dir (nothing was overwritten)")
+    saved_path = run_dir / "config.yaml"
+    if cfg["resume"] is not None and saved_path.exists():
+        saved = yaml.safe_load(saved_path.read_text())
+        differ = [k for k in RUN_SHAPING_KEYS if saved.get(k) != cfg[k]]
+        if differ:
+            raise ConfigError(f"resume: {run_dir} holds a run with " + ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+                              + " but the config says " + ", ".join(f"{k}={cfg[k]!r}" for k in differ)
+                              + "; start a new run_dir for other models")
+
+
+def print_results(cfg: dict, results: dict, n_seeds: int, n_folds: int, run_dir: Path) -> None:
+    dim = cfg["model"]["embedding_dim"]
+    over_seeds = f", mean ± sd over {n_seeds} seeds" if n_seeds > 1 else ""
+    print(f"\ntest metrics, {dim}-D" + (f", mean of {n_folds} fold models" if n_folds > 1 else "") + over_seeds)
+    print(table_with_sd(results["mean"], results["sd"] if over_seeds else None))
+    if "ensemble_mean" in results:
+        combos = (f", mean ± sd over the {results['ensemble_combinations']} combinations of one seed's model per fold"
+                  if n_seeds > 1 else "")
+        print(f"\ntest metrics, {dim * n_folds}-D ensemble of the {n_folds} fold models" + combos)
+        print(table_with_sd(results["ensemble_mean"], results["ensemble_sd"] if n_seeds > 1 else None))
+    print(f"\nresults: {run_dir / 'results.json'}\nfigures and the comparison with the paper: "
+          f"python report.py {run_dir}")

@@ -1,0 +1,245 @@
+"""Builds one model's training run from a config: the fold's data, the network, the objective with its
+proxies, the optimiser, CCP's state, the sampler and loader; and restores it from a checkpoint.
+
+train.py runs Algorithm 1 (PAPER.md §2) on the `Run` this file returns; `Run.stateful` lists, once,
+every object a checkpoint carries so that a resumed run continues exactly. The protocol's settings
+(folds, transforms, the 8 x 4 batch, the optimiser's update order) are those of PAPER.md §7.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import config
+import data
+import losses
+import model
+import optimizer
+import projection
+import selection
+from bookkeeping import (Progress, keep_log_until, load_checkpoint, make_deterministic, record_segment,
+                         restore_checkpoint, save_checkpoint)
+from config import ConfigError
+
+
+@dataclass
+class Run:
+    """Everything one model's training holds: the pieces of Algorithm 1 and the run's progress."""
+    cfg: dict
+    fold: int
+    seed: int
+    dir: Path
+    prefix: str
+    device: torch.device
+    splits: dict
+    network: torch.nn.Module
+    objective: torch.nn.Module | None  # owns the proxies P (CCP, proxy baselines)
+    memory: losses.CrossBatchMemory | None  # XBM
+    optimizer: torch.optim.Optimizer  # coupled decay, clipping and Adam in the authors' order (optimizer.py)
+    instances: projection.ProblemInstances | None  # CCP's theta_anchor, t, lambda_t, theta*, P*
+    stopper: projection.EarlyStopping
+    sampler: data.MPerClassSampler
+    candidates: selection.CandidateStream  # the run-long stream of k-center candidates (PAPER.md §7)
+    loader: torch.utils.data.DataLoader
+    progress: Progress
+    backbone_trainable: list[torch.Tensor]
+    step: int = 0
+    loss: float = float("nan")
+    status: str = "no validation yet"
+    started: float = 0.0
+    best: dict | None = None  # the overall best validation: step, score, host copies of theta and P
+    resumed: bool = False
+
+    log_path = property(lambda self: self.dir / "metrics.jsonl")
+    last_path = property(lambda self: self.dir / "last.pt")
+    best_path = property(lambda self: self.dir / "best.pt")
+
+    def stateful(self) -> dict[str, Any]:
+        """What a checkpoint carries so that a resumed run continues exactly: listed once."""
+        return {"model": self.network, "objective": self.objective, "memory": self.memory,
+                "optimizer": self.optimizer, "instances": self.instances, "stopper": self.stopper,
+                "sampler": self.sampler, "candidates": self.candidates}
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, self.stateful(), step=self.step, fold=self.fold, seed=self.seed, config=self.cfg,
+                        best=self.best)
+
+    def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.objective is not None:
+            return self.objective(embeddings, labels)
+        loss = losses.LOSSES[self.cfg["loss"]["name"]](normalizer(self.cfg)(embeddings), labels,
+                                                     **self.cfg["loss"]["params"])
+        return loss if self.memory is None else loss + self.memory.scheduled_loss(embeddings, labels)
+
+    def say(self, message: str) -> None:
+        print(f"{self.prefix}{message}", flush=True)
+
+
+def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str) -> Run:
+    """Build every piece of one model's training; resume it from a checkpoint if asked (resume:)."""
+    state = find_checkpoint(cfg, fold, seed, run_dir)  # checked before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    make_deterministic(seed)
+    device = resolve_device(cfg["device"])
+    tc, dc, mc = cfg["train"], cfg["data"], cfg["model"]
+    splits = build_splits(cfg, fold)
+    fit = splits["fit"]
+    network = build_network(cfg, seed).to(device)
+    objective = build_objective(cfg, fit.num_classes, mc["embedding_dim"], seed)
+    if objective is not None:
+        objective.to(device)
+    memory = None
+    if cfg["method"] == "xbm":
+        size = cfg["baseline"]["xbm_memory_batches"] * dc["classes_per_batch"] * dc["samples_per_class"]
+        memory = losses.CrossBatchMemory(losses.LOSSES[cfg["loss"]["name"]], mc["embedding_dim"], size,
+                                         normalize=normalizer(cfg), start=cfg["baseline"]["xbm_start_step"],
+                                         **cfg["loss"]["params"]).to(device)
+    instances = None
+    if cfg["method"] == "ccp":  # theta_anchor on the device; lambda_0 = 0 in the first instance (PAPER.md §2)
+        instances = projection.ProblemInstances(network, objective.proxies, **cfg["projection"])
+    sampler = data.MPerClassSampler(fit.labels, dc["samples_per_class"], dc["classes_per_batch"], tc["eval_every"],
+                                    seed, order=dc["sampler"])
+    labels = np.asarray(fit.labels)
+    class_to_indices = [np.flatnonzero(labels == c).tolist() for c in range(fit.num_classes)]
+    loader = torch.utils.data.DataLoader(fit, batch_sampler=sampler, num_workers=dc["num_workers"],
+                                         persistent_workers=dc["num_workers"] > 0, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(seed))
+    r = Run(cfg, fold, seed, run_dir, prefix, device, splits, network, objective, memory,
+            build_optimizer(cfg, network, objective), instances,
+            projection.EarlyStopping(tc["patience"], cfg["projection"]["min_delta"]), sampler,
+            selection.CandidateStream(class_to_indices, seed), loader,
+            Progress(tc["max_steps"], tc["log_every_seconds"], dc["classes_per_batch"] * dc["samples_per_class"],
+                     prefix), [p for p in network.backbone.parameters() if p.requires_grad])
+    describe_run(r)
+    if state is not None:
+        restore(r, state)
+    # drop log lines written after the checkpoint we continue from (all of them when there is none)
+    keep_log_until(r.log_path, r.step if r.resumed else -1)
+    record_segment(run_dir, cfg, r.step)  # after every check: a refused resume leaves no trace
+    if r.resumed:
+        r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
+        if state.get("threads") != torch.get_num_threads():
+            r.say(f"warning: this process computes with {torch.get_num_threads()} threads, the checkpoint was "
+                  f"written with {state.get('threads')}: sums round differently, so the continuation is not "
+                  f"bit-identical to an uninterrupted run (set OMP_NUM_THREADS={state.get('threads')})")
+    r.started = time.time()
+    network.train()
+    return r
+
+
+def restore(r: Run, state: dict) -> None:
+    """Continue from a checkpoint: its objects' states, its progress and the best state so far."""
+    try:
+        restore_checkpoint(state, r.stateful())
+        # progress from the checkpoint, settings from the config: a resumed run may be given more patience
+        r.stopper.load_state_dict({**state["stopper"], "patience": r.cfg["train"]["patience"],
+                                   "min_delta": r.cfg["projection"]["min_delta"]})
+    except (RuntimeError, KeyError, ValueError) as err:  # a state of another shape than this config builds
+        raise ConfigError(f"resume: {r.cfg['resume']} does not fit this config: {err}") from None
+    r.step, r.best, r.resumed = state["step"], state["best"], True
+
+
+def find_checkpoint(cfg: dict, fold: int, seed: int, run_dir: Path) -> dict | None:
+    """The checkpoint that `resume:` names for this model (auto: run_dir/last.pt if any), checked."""
+    resume = cfg["resume"]
+    if resume == "auto":
+        resume = run_dir / "last.pt" if (run_dir / "last.pt").exists() else None
+    if not resume:
+        return None
+    state = load_checkpoint(resume, cfg)
+    if (state["fold"], state["seed"]) != (fold, seed):
+        raise ConfigError(f"resume: {resume} holds the model of fold {state['fold']}, seed {state['seed']}; "
+                          f"this run asks for fold {fold}, seed {seed}")
+    return state
+
+
+def build_network(cfg: dict, seed: int) -> model.EmbeddingModel:
+    """The embedding model of the config; backbone_kwargs that leave a layer without weights are an error."""
+    mc = cfg["model"]
+    try:
+        network = model.build_model(mc["backbone"], mc["embedding_dim"], mc["pretrained"], mc["pooling"],
+                                    mc["freeze_bn"], seed=seed, backbone_kwargs=mc["backbone_kwargs"])
+    except RuntimeError as err:  # e.g. a negative width: torch refuses the layer's size
+        raise ConfigError(f"config key model.backbone_kwargs: {mc['backbone']} cannot be built with "
+                          f"{mc['backbone_kwargs']}: {err}") from None
+    empty = [name for name, p in network.named_parameters() if p.numel() == 0]
+    if empty:  # e.g. width 0: torch builds the layer, and the first forward pass fails
+        raise ConfigError(f"config key model.backbone_kwargs: {mc['backbone_kwargs']} leaves {mc['backbone']} "
+                          f"layers without weights ({', '.join(empty[:3])}); every width must be at least 1")
+    return network
+
+
+def describe_run(r: Run) -> None:
+    cfg, fit, val = r.cfg, r.splits["fit"], r.splits["val"]
+    tests = ", ".join(f"{len(d)} {name} images" for name, d in r.splits.items() if name not in ("fit", "val", "fit_eval"))
+    method, loss = cfg["method"], cfg["loss"]["name"].upper()
+    what = f"{loss}-CCP" if method == "ccp" else f"{loss} (no proxies)" if method == "baseline" else method
+    r.say(f"{what} on {cfg['dataset']['name']}, fold {r.fold} of {cfg['folds']}, seed {r.seed}: "
+          f"{fit.num_classes} training classes ({len(fit)} images), {val.num_classes} validation classes "
+          f"({len(val)}), {tests}; device {r.device}; writing to {r.dir}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key device: {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def build_splits(cfg: dict, fold: int) -> dict:
+    """The fit and validation classes of one MLRC fold, and the test split(s) (PAPER.md §7)."""
+    name, root, dc = cfg["dataset"]["name"], cfg["dataset"]["root"], cfg["data"]
+    train_tf = data.build_transform(dc["transform"], True, dc["crop_size"], dc["resize"])
+    eval_tf = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
+    train = data.build_dataset(name, root, "train")
+    fit_classes, val_classes = data.mlrc_folds(sorted(set(train.labels)), cfg["folds"])[fold]
+    splits = {
+        "fit": data.class_subset(train.with_transform(train_tf), fit_classes),
+        "val": data.class_subset(train.with_transform(eval_tf), val_classes),
+        "fit_eval": data.class_subset(train.with_transform(eval_tf), fit_classes),  # for saved selections
+    }
+    test_names = ("query", "gallery") if name == "inshop" else ("test",)
+    for split in test_names:
+        splits[split] = data.build_dataset(name, root, split, eval_tf)
+    return splits
+
+
+def normalizer(cfg: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    return losses.NORMALIZATIONS[cfg["normalization"]]
+
+
+def build_objective(cfg: dict, num_classes: int, dim: int, seed: int) -> torch.nn.Module | None:
+    """The loss module that owns learnable proxies, if the method has one (PAPER.md §2, §4)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    if cfg["method"] == "ccp":
+        proxies = losses.Proxies(num_classes, cfg["ccp"]["proxies_per_class"], dim, generator=generator)
+        return losses.CCPLoss(losses.LOSSES[cfg["loss"]["name"]], proxies, cfg["ccp"]["pair_weight"],
+                              cfg["ccp"]["proxy_weight"], normalize=normalizer(cfg), **cfg["loss"]["params"])
+    if cfg["method"] in config.PROXY_BASELINES:
+        return config.PROXY_BASELINES[cfg["method"]](num_classes, dim, generator=generator, normalize=normalizer(cfg),
+                                                     **cfg["baseline"]["params"])
+    return None
+
+
+def build_optimizer(cfg: dict, network: torch.nn.Module, objective: torch.nn.Module | None) -> optimizer.KerasAdam:
+    """The authors' update (PAPER.md §2, §7): coupled L2 on every trainable tensor but BatchNorm's (the
+    proxies included), clip the global norm, clip each value, then Adam; the proxies of the baselines
+    get a learning-rate multiplier (PAPER.md §4)."""
+    tc = cfg["train"]
+    batchnorm = model.batchnorm_parameter_names(network)
+    trainable = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in trainable if name not in batchnorm]},
+              {"params": [p for name, p in trainable if name in batchnorm], "weight_decay": 0.0}]
+    if objective is not None and any(True for _ in objective.parameters()):
+        multiplier = cfg["baseline"]["proxy_lr_multiplier"] if cfg["method"] in config.PROXY_BASELINES else 1.0
+        groups.append({"params": list(objective.parameters()), "lr": tc["lr"] * multiplier})
+    return optimizer.KerasAdam([g for g in groups if g["params"]], lr=tc["lr"], betas=tuple(tc["betas"]),
+                               eps=tc["eps"], weight_decay=tc["weight_decay"], clip_norm=tc["clip_norm"],
+                               clip_value=tc["clip_value"], epsilon=tc["adam_epsilon"])

@@ -1,0 +1,354 @@
+"""What a run guarantees (issue 14), each on the digits demo with a few steps: the best model is the one
+tested wherever a run continues; a resume continues the same model of the same run; a collapsed model
+stops the run; one process per run directory; the record of a run is kept, never rewritten; logs and
+results are strict JSON; checkpoints never run code; bad input and interruptions end in one line."""
+import contextlib
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bookkeeping
+import train
+from test_train import DIGITS, FAST, ROOT, read_log, run_digits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One run of 10 steps: validations at 5 and 10, the best at 5 (min_delta 1: no later one improves)."""
+    root = tmp_path_factory.mktemp("trained")
+    run_digits(root, "run", "train.max_steps=10")
+    return root / "run"
+
+
+def copy_run(trained: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(trained, tmp_path / name))
+
+
+def main(run_dir: Path, *overrides: str) -> int:
+    return train.main([str(DIGITS), f"run_dir={run_dir}", *FAST, *overrides])
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file of a run directory but the lock, which each attempt rewrites."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file() and f.name != ".lock"}
+
+
+def strict_json(text: str):
+    """json.loads that rejects NaN and Infinity, which Python accepts and other JSON readers do not."""
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"not JSON: {token}"))
+
+
+def one_line_error(err: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# -------------------------------------------------------------------- 1: the best model is tested
+
+def test_the_best_model_is_tested_in_a_new_run_dir_and_without_best_pt(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path, "A")
+    best_val = next(r["val"]["MAP@R"] for r in read_log(run / "metrics.jsonl") if r.get("step") == 5)
+    expected = train.evaluate_checkpoint(train.load_config(DIGITS, [f"run_dir={tmp_path / 'eval'}", "eval_only=true",
+                                                                     f"resume={run / 'best.pt'}"]))
+    capsys.readouterr()
+    for name, resume in (("B", f"resume={run / 'last.pt'}"), ("A", "resume=auto")):
+        if name == "A":
+            (run / "best.pt").unlink()  # the best state travels in last.pt
+        model = run_digits(tmp_path, name, "train.max_steps=15", resume)["models"][0]
+        out = capsys.readouterr().out
+        assert "no validation ran" not in out and "best validation MAP@R" in out and "at step 5" in out
+        saved = strict_json((tmp_path / name / "results.json").read_text())["models"][0]
+        for result in (model, saved):
+            assert (result["steps"], result["best_step"], result["best_val_MAP@R"]) == (15, 5, best_val)
+            assert result["test"] == pytest.approx(expected, abs=1e-9)
+
+
+# ---------------------------------------------------- 2, 3: a resume continues the same models
+
+def test_a_checkpoint_of_another_fold_or_seed_is_refused_and_leaves_nothing(trained, tmp_path, capsys,
+                                                                           monkeypatch):
+    target = tmp_path / "B"
+    for change, said in (("fold=0", "fold 0, seed 0"), ("seed=1", "fold 2, seed 1")):
+        assert main(target, "train.max_steps=10", f"resume={trained / 'last.pt'}", change) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert "holds the model of fold 2, seed 0" in err and f"asks for {said}" in err
+        assert files(target) == {}  # nothing written: the corrected command below is not refused
+    monkeypatch.setenv("HOME", str(trained.parent))
+    assert main(target, "train.max_steps=10", "resume=~/run/last.pt") == 0  # ~ expands in resume too
+    assert strict_json((target / "results.json").read_text())["models"][0]["best_step"] == 5
+
+
+def test_a_resume_may_not_change_the_models_a_run_dir_holds(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    before = files(run)
+    for change, saved in (("fold=0", "fold=2"), ("fold=null", "fold=2"), ("repeats=2", "repeats=1"),
+                          ("seed=1", "seed=0")):
+        assert main(run, "train.max_steps=20", "resume=auto", change) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert f"holds a run with {saved}" in err and f"config says {change.replace('null', 'None')}" in err
+        assert files(run) == before
+
+
+# ----------------------------------------------------------- 4: a collapsed model stops the run
+
+@pytest.mark.parametrize("steps", [3, 5])  # found before the save between validations, and at the validation
+def test_non_finite_batchnorm_statistics_stop_the_run(tmp_path, capsys, steps):
+    """lr 1e9 sends BatchNorm's running_var to inf while the training loss stays finite (issue 14, item 4)."""
+    run = tmp_path / "run"
+    assert main(run, f"train.max_steps={steps}", "train.lr=1.0e+9") == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert "running_var holds NaN or inf" in err and f"at step {steps}" in err and "no checkpoint was written" in err
+    assert not (run / "last.pt").exists() and not (run / "results.json").exists()
+
+
+# ---------------------------------------------------------------- 7: one process per run_dir
+
+HOLD_LOCK = """import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from bookkeeping import RunLock
+with RunLock(Path(sys.argv[2])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(run, "train.max_steps=5") == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert f"in use by pid {holder.pid} on " in err
+        assert files(run) == {}
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+        holder.stdout.close()
+    with bookkeeping.RunLock(run):  # the kernel released the killed process's lock
+        with pytest.raises(train.ConfigError, match=f"in use by pid {os.getpid()} "):
+            with bookkeeping.RunLock(run):  # the same process twice is refused as well
+                pass
+
+
+# --------------------------------------------------- 8: the record of a run is kept, per segment
+
+def test_config_is_written_once_and_every_segment_is_recorded(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    config_text = (run / "config.yaml").read_text()
+    first = read_log(run / "segments.jsonl")
+    threads = torch.get_num_threads()
+    assert [s["from_step"] for s in first] == [0] and first[0]["threads"] == threads
+    assert first[0]["config"]["train"]["max_steps"] == 10 and "git_commit" in first[0]
+    assert torch.load(run / "last.pt", weights_only=True)["threads"] == threads
+    before = files(run)
+    assert main(run, "train.max_steps=15", "resume=auto", "model.embedding_dim=16") == 1  # refused
+    assert "model.embedding_dim=32" in one_line_error(capsys.readouterr().err)
+    assert files(run) == before
+    other = 1 if threads != 1 else 2
+    torch.set_num_threads(other)
+    try:
+        assert main(run, "train.max_steps=12", "resume=auto", "train.lr=2.0e-3") == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert f"warning: this process computes with {other} threads, the checkpoint was written with {threads}" in out
+    assert (run / "config.yaml").read_text() == config_text  # the settings the run started with
+    segments = read_log(run / "segments.jsonl")
+    assert segments[0] == first[0] and [s["from_step"] for s in segments] == [0, 10]
+    assert (segments[1]["threads"], segments[1]["config"]["train"]["lr"]) == (other, 2.0e-3)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert (last["step"], last["threads"], last["config"]["train"]["lr"]) == (12, other, 2.0e-3)
+
+
+# ------------------------------------------------------------------- 9: a torn or damaged log
+
+def test_read_jsonl_drops_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5}\n{"step": 10}\n{"step": 15, "val": {"MAP')
+    assert bookkeeping.read_jsonl(path) == [{"step": 5}, {"step": 10}]
+    path.write_text('{"step": 5}\n{"step": 1\n{"step": 15}\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a JSON record"):
+        bookkeeping.read_jsonl(path)
+
+
+def test_resume_after_a_torn_log_line_and_refusal_of_a_damaged_log(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    records = read_log(run / "metrics.jsonl")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + '{"step": 7, "loss"\n' + "".join(lines[1:]))
+    before = files(run)
+    assert main(run, "train.max_steps=10", "resume=auto") == 1
+    assert f"{run / 'metrics.jsonl'}, line 2: not a JSON record" in one_line_error(capsys.readouterr().err)
+    assert files(run) == before  # no segment recorded for the refused resume
+    (run / "metrics.jsonl").write_text("".join(lines) + '{"step": 15, "val": {"MAP@R": 0.')  # killed mid-append
+    assert main(run, "train.max_steps=10", "resume=auto") == 0
+    assert [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()] == records
+
+
+# ----------------------------------------------------- 10: strict JSON, run_dir and its files
+
+def test_without_validation_results_are_strict_json_and_tilde_expands(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert main(Path("~/short"), "train.max_steps=3") == 0  # max_steps < eval_every: no validation
+    results = strict_json((tmp_path / "short" / "results.json").read_text())
+    assert (results["models"][0]["best_step"], results["models"][0]["best_val_MAP@R"]) == (None, None)
+    for log in ("metrics.jsonl", "segments.jsonl"):
+        for line in (tmp_path / "short" / log).read_text().splitlines():
+            strict_json(line)
+    assert list((tmp_path / "cwd").iterdir()) == []  # no folder named ~
+
+
+def test_save_json_refuses_non_finite_numbers_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "results.json"
+    bookkeeping.save_json({"MAP@R": 0.5}, path)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError):
+            bookkeeping.save_json({"MAP@R": bad}, path)
+        with pytest.raises(ValueError):
+            bookkeeping.append_jsonl({"MAP@R": bad}, tmp_path / "log.jsonl")
+    assert strict_json(path.read_text()) == {"MAP@R": 0.5} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "log.jsonl", "results.json"] and (tmp_path / "log.jsonl").read_text() == ""
+
+
+def test_an_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(Path("''"), "train.max_steps=3") == 1
+    assert "run_dir" in one_line_error(capsys.readouterr().err)
+    cfg = train.load_config(DIGITS, [*FAST, "train.max_steps=3"])
+    for call in (train.run, train.evaluate_checkpoint):
+        with pytest.raises(train.ConfigError, match="run_dir: empty"):
+            call({**cfg, "run_dir": " ", "resume": str(tmp_path / "last.pt")})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl"])
+def test_a_folder_with_a_config_or_a_log_holds_a_run(tmp_path, capsys, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text("kept\n")
+    assert main(run, "train.max_steps=3") == 1
+    assert "already holds a run" in one_line_error(capsys.readouterr().err)
+    assert files(run) == {name: b"kept\n"}
+
+
+# ---------------------------------------------------------------- 11: checkpoints never run code
+
+class Payload:
+    """Unpickling this runs open(marker, "w"): it creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(trained, tmp_path, capsys):
+    marker = tmp_path / "created_by_the_checkpoint"
+    crafted = tmp_path / "crafted.pt"
+    state = torch.load(trained / "last.pt", weights_only=True)  # a real checkpoint loads without any allowance
+    torch.save({**state, "model": Payload(marker)}, crafted)
+    for mode in (["eval_only=true"], ["train.max_steps=10"]):
+        assert main(tmp_path / "run", f"resume={crafted}", *mode) == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert f"refused to load {crafted}" in err and "open" in err and "could run code" in err
+        assert not marker.exists()
+    torch.load(crafted, weights_only=False)["model"].close()  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+# ----------------------------------------------------------------------- one-line errors
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes that would grow a file past `limit` bytes fail with EFBIG, as writes to a full disk fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    last = (run / "last.pt").read_bytes()
+    with file_size_limit(len(last) // 2):  # the logs fit, a checkpoint does not
+        code = main(run, "train.max_steps=12", "resume=auto")
+    err = one_line_error(capsys.readouterr().err)
+    assert code == 1 and f"cannot write {run / 'last.pt'}: File too large" in err
+    assert (run / "last.pt").read_bytes() == last and not (run / "last.pt.tmp").exists()
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    if os.access(run, os.W_OK):  # root writes anyway: refuse writes there as the kernel would refuse others
+        real_open = Path.open
+
+        def read_only_open(self, mode="r", *args, **kwargs):
+            if run in self.parents and set(mode) & set("wax+"):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", read_only_open)
+    try:
+        assert main(run, "train.max_steps=3") == 1
+    finally:
+        run.chmod(0o755)
+    err = one_line_error(capsys.readouterr().err)
+    assert "Permission denied" in err and str(run) in err
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # torch's, for width 0
+@pytest.mark.parametrize("width", [0, -1])
+def test_a_backbone_without_weights_is_one_line(tmp_path, capsys, width):
+    assert main(tmp_path / "run", "train.max_steps=3", f"model.backbone_kwargs={{width: {width}}}") == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert "model.backbone_kwargs" in err and "tiny_cnn" in err
+
+
+@pytest.mark.parametrize("interrupt, steps", [(13, 15), (2, 3)])  # after the checkpoint at step 10; before any
+def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path, capsys, monkeypatch, interrupt,
+                                                               steps):
+    calls = {"n": 0}
+    real_step = train.train_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupt:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    run = tmp_path / "run"
+    assert main(run, f"train.max_steps={steps}", "model.backbone_kwargs={width: 32}") == 130  # 32: the default
+    command = capsys.readouterr().err.strip().splitlines()[-1].strip()
+    assert command.endswith(" resume=auto") and not (run / "last.pt.tmp").exists()
+    reference = torch.load(trained / "last.pt", weights_only=True)
+    if interrupt > 10:  # last.pt holds step 10, exactly as the uninterrupted run
+        last = torch.load(run / "last.pt", weights_only=True)
+        assert last["step"] == 10 and all(torch.equal(last["model"][k], v) for k, v in reference["model"].items())
+    args = shlex.split(command)  # quoted where an argument holds a space
+    assert args[:2] == ["python", "train.py"]
+    assert train.main(args[2:]) == 0  # the printed command continues the run to the end
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == steps
+    initial = [r for r in read_log(run / "metrics.jsonl") if r["step"] == 0]
+    assert initial == read_log(trained / "metrics.jsonl")[:1]  # one initial selection, as in an uninterrupted run
