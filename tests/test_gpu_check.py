@@ -1,0 +1,167 @@
+"""benchmarks/gpu_check.py: its reduced check runs green on a CPU, and it can fail — a run that
+computes differently, or a kernel that refuses deterministic algorithms, is reported as a problem."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import losses
+import model
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """The whole --quick check, as CI runs it, in its own process (it sets torch's threads)."""
+    folder = tmp_path_factory.mktemp("gpu_check")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(folder / "report.json"), "--workdir", str(folder / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return done, json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
+
+
+def test_quick_check_finds_no_problem_on_cpu(quick_report):
+    done, report = quick_report
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "gpu_check: 0 problems"
+    for heading in ("1. determinism", "2. resume", "3. speed and memory", "4. projection"):
+        assert heading in done.stdout
+    assert report["problems"] == [] and report["mode"] == "quick" and report["device"].startswith("cpu")
+    assert report["settings"]["deterministic_algorithms"] is True
+    assert [e["method"] for e in report["determinism"]] == ["ccp", "baseline", "proxy_anchor", "proxynca++",
+                                                           "softtriple", "xbm"]
+    for entry in report["determinism"] + report["resume"]:
+        assert entry["identical"] and entry["error"] is None and entry["differences"] == []
+        assert entry["compared"] > 100  # both checkpoints, the log and the results were walked
+    assert [e["interrupt"] for e in report["resume"]] == [6, 8]  # at a validation, and between two
+
+
+def test_quick_check_reports_speed_memory_and_projection(quick_report):
+    _, report = quick_report
+    step = report["speed"]["step"]
+    rows, dim = step["proxies"]
+    # CCP's extra state, counted from the model's definition: one copy of the trainable weights
+    # (theta_anchor) and the proxies four times (values, gradient, Adam's m and v) plus their int64 labels
+    trainable = sum(p.numel() * 4 for p in model.build_model("bninception", 128).parameters() if p.requires_grad)
+    assert step["ccp"]["state_bytes"] - step["plain"]["state_bytes"] == trainable + 4 * rows * dim * 4 + rows * 8
+    assert step["batch"] == 32 and dim == 128
+    for variant in ("plain", "ccp"):
+        assert 0 < step[variant]["min_ms"] <= step[variant]["median_ms"]
+    assert report["speed"]["reselection"]["classes"] == 2000 and report["speed"]["reselection"]["pool_size"] == 7
+    assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 4
+    for config in ("configs/sop_ms.yaml", "configs/cub_ms.yaml"):
+        low, high = report["projection"][config]["hours"]
+        assert 0 < low < high and report["projection"][config]["folds"] == 4
+    assert report["projection"]["configs/sop_ms.yaml"]["steps_per_model"] == 91_000
+    assert report["projection"]["configs/cub_ms.yaml"]["steps_per_model"] == 364 * 25
+
+
+# ------------------------------------------------------------------------------ it can fail
+
+@pytest.fixture
+def one_thread():
+    """Two tiny runs: on a busy 2-core machine a second thread spins more than it computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run_overrides(tmp_path: Path, method: str) -> list[str]:
+    scale = gpu_check.QUICK
+    sizes = {"train": [3] * scale.train_classes, "test": [3] * scale.test_classes}
+    layout = gpu_check.write_sop_layout(tmp_path / "sop", sizes, scale.jpeg_size)
+    return gpu_check.run_overrides(method, scale, layout, tmp_path / "unused.pth", "cpu", 0)
+
+
+def test_a_run_that_computes_differently_is_a_problem(tmp_path, monkeypatch, one_thread):
+    """Nondeterminism simulated: every step adds noise from an unseeded generator to one weight."""
+    original = train.train_step
+
+    def noisy_step(network, *args, **kwargs):
+        value = original(network, *args, **kwargs)
+        noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
+        with torch.no_grad():
+            next(network.parameters()).add_(torch.randn(1, generator=noise) * 1e-6)
+        return value
+
+    monkeypatch.setattr(train, "train_step", noisy_step)
+    entry, problems = gpu_check.check_determinism("baseline", tiny_run_overrides(tmp_path, "baseline"), tmp_path)
+    assert not entry["identical"] and entry["error"] is None
+    assert any(d.startswith(".last.pt.model.") for d in entry["differences"])
+    assert len(problems) == 1 and problems[0].startswith("determinism, baseline: two identical runs differ")
+
+
+def test_a_kernel_without_a_deterministic_implementation_is_named(tmp_path, monkeypatch, one_thread):
+    """put_ (accumulate=False) refuses torch.use_deterministic_algorithms(True) on every device."""
+    ms = losses.LOSSES["ms"]
+
+    @functools.wraps(ms)  # the config checks loss.params against this signature
+    def loss_with_put(x, y, *args, **kwargs):
+        torch.zeros(2).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        return ms(x, y, *args, **kwargs)
+
+    monkeypatch.setitem(losses.LOSSES, "ms", loss_with_put)
+    entry, problems = gpu_check.check_determinism("baseline", tiny_run_overrides(tmp_path, "baseline"), tmp_path)
+    assert entry["error"].startswith("kernel put_ has no deterministic implementation (at test_gpu_check.py:")
+    assert problems == [f"determinism, baseline: {entry['error']}"]
+
+
+# ------------------------------------------------------------------------------ the pieces
+
+def test_compare_is_bitwise():
+    differences = []
+    a = {"w": torch.tensor([0.0, 1.0]), "nan": float("nan"), "x": [1, {"y": 2}], "only_a": 1}
+    b = {"w": torch.tensor([-0.0, 1.0]), "nan": float("nan"), "x": [1, {"y": 3}]}
+    assert gpu_check.compare(a, b, "", differences) == 4  # w, nan, x[0], x[1].y; only_a is in one run only
+    assert sorted(differences) == [".only_a: only in one run", ".w (max |diff| 0)", ".x[1].y: 2 vs 3"]
+    assert gpu_check.compare(torch.ones(2, dtype=torch.float64), torch.ones(2), "t", differences) == 1
+    assert differences[-1] == "t (max |diff| 0)"  # same values, other dtype: other bits
+    assert gpu_check.compare([1, 2], [1], "s", differences) == 1 and differences[-1] == "s: list of 2 vs list of 1"
+    assert gpu_check.compare(1.0, 1, "n", differences) == 1 and differences[-1] == "n: float vs int"
+
+
+def test_generated_layout_reads_as_sop(tmp_path):
+    sizes = {"train": gpu_check.class_sizes(23, 5), "test": gpu_check.class_sizes(9, 3)}
+    assert sizes == {"train": [4, 5, 4, 5, 5], "test": [3, 3, 3]}
+    root = gpu_check.write_sop_layout(tmp_path / "tinted", sizes)
+    photos = [str(p) for p in sorted((tmp_path / "tinted" / "Stanford_Online_Products" / "images").iterdir())[:2]]
+    listing = gpu_check.write_sop_layout(tmp_path / "listing", sizes, photos=photos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # far fewer images than SOP: data.py warns
+        for folder, distinct in ((root, 23), (listing, 2)):
+            train_split = data.build_dataset("sop", folder, "train")
+            test_split = data.build_dataset("sop", folder, "test")
+            assert (len(train_split), train_split.num_classes, len(test_split), test_split.num_classes) == (23, 5, 9, 3)
+            assert len(set(train_split.paths)) == distinct and all(Path(p).is_file() for p in train_split.paths)
+            assert train_split[0][0].size == (24, 20)  # (width, height) of the default JPEG size
+
+
+def test_projection_follows_its_stated_model():
+    """Every step at the slower of step and loader; validations, re-selection candidates and the
+    test pass at the validation pass's images/s; metrics free here (metrics_s 0) for clarity."""
+    speed = {"step": {"ccp": {"median_ms": 100.0}, "batch": 32},
+             "loader": {"images_per_s": 160.0, "keeps_up": False, "retry": None},
+             "validation": {"images_per_s": 1000.0, "metrics_s": 0.0, "images": 100},
+             "reselection": {"classes": 11318, "kcenter_ms": 0.0, "covering_radius_s": 0.0,
+                             "interclass_distance_s": 0.0}}
+    sop = train.load_config(ROOT / "configs" / "sop_ms.yaml")
+    p = gpu_check.project(sop, "sop", 91_000, speed, "")
+    # SOP (docs/DATASETS.md): 59,551 training images of 11,318 classes, 60,502 test images; fold 0
+    # validates on classes [0, 2829) and fits 8,489; the loader's 160 images/s make a step 0.2 s
+    val_images, fit_classes = 59551 * 2829 / 11318, 11318 - 2829
+    per_model = 91_000 * 0.2 + 364 * val_images / 1000 + 60502 / 1000
+    reselection = fit_classes * 7 / 1000
+    assert p["reselections_per_model"] == [1, 1 + 364 // 4]
+    assert p["hours"] == pytest.approx([4 * (per_model + n * reselection) / 3600 for n in (1, 92)])
