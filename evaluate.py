@@ -235,26 +235,38 @@ def _group_counts(ranking: _Ranking, positions: np.ndarray, rows: np.ndarray) ->
     return ranking.multiplicity[groups] - own, _copies_of_class(ranking, groups, rows) - own
 
 
+def _column_blocks(stop: np.ndarray, width: int, block: int = 64):
+    """(rows, columns) blocks that cover, for every row i, its columns before stop[i] (read as the
+    blocks are visited, so lowering stop[i] on the way skips the rest of row i)."""
+    for start in range(0, int(stop.max(initial=0)), block):
+        yield np.flatnonzero(stop > start), np.arange(start, min(start + block, width))[None, :]
+
+
 def _first_correct_group(ranking: _Ranking) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query: the positions ranked ahead of its first group with a correct reference, and that
     group's n and h (none among the groups searched: every recall window ends ahead of it)."""
     neighbours, own = ranking.neighbours, ranking.own
-    all_rows = np.arange(len(neighbours))
-    gathered = ranking.shared_class[neighbours]
-    correct = gathered == ranking.classes[:, None]
-    if (ranking.shared_class < 0).any():  # references whose copies mix classes are looked up
-        rows, j = np.nonzero(gathered < 0)
-        correct[rows, j] = _copies_of_class(ranking, neighbours[rows, j, None], rows)[:, 0] > 0
-    rows = np.flatnonzero(own < neighbours.shape[1])  # the own group is correct only if it holds another copy
+    k = neighbours.shape[1]
+    correct = ranking.shared_class[neighbours] == ranking.classes[:, None]
+    rows = np.flatnonzero(own < k)  # the own group is correct only if it holds another copy of the class
     correct[rows, own[rows]] = _group_counts(ranking, own[rows, None], rows)[1][:, 0] > 0
-    first = np.argmax(correct, axis=1)
-    n, h = (v[:, 0] for v in _group_counts(ranking, first[:, None], all_rows))
+    first = np.where(correct.any(axis=1), np.argmax(correct, axis=1), k)
+    if (ranking.shared_class < 0).any():  # groups of mixed classes, ahead of the first found, are looked up
+        for rows, columns in _column_blocks(first, k):
+            at_row, at_column = np.nonzero((ranking.shared_class[neighbours[rows[:, None], columns]] < 0)
+                                           & (columns < first[rows, None]))
+            hit = _group_counts(ranking, columns[0, at_column, None], rows[at_row])[1][:, 0] > 0
+            hit_rows, earliest = np.unique(at_row[hit], return_index=True)  # nonzero's order: row, then column
+            first[rows[hit_rows]] = columns[0, at_column[hit][earliest]]
+    found = first < k
+    n, h = (v[:, 0] for v in _group_counts(ranking, np.minimum(first, k - 1)[:, None], np.arange(len(first))))
     # positions ahead: one per group before it, plus the extra copies of repeated references, less the query
     ahead = first - (own < first)
     if (ranking.multiplicity > 1).any():
-        extra = (ranking.multiplicity - 1)[neighbours]
-        ahead += np.where(np.arange(neighbours.shape[1]) < first[:, None], extra, 0).sum(axis=1)
-    return np.where(correct.any(axis=1), ahead, np.iinfo(np.int64).max // 2), n, h
+        extra, stop = ranking.multiplicity - 1, np.where(found, first, 0)
+        for rows, columns in _column_blocks(stop, k):
+            ahead[rows] += np.where(columns < stop[rows, None], extra[neighbours[rows[:, None], columns]], 0).sum(1)
+    return np.where(found, ahead, np.iinfo(np.int64).max // 2), n, h
 
 
 def _fraction(a: np.ndarray, b: np.ndarray) -> np.ndarray:

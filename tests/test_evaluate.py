@@ -243,10 +243,11 @@ def expected_reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), m
             return h * (h - 1) / (n * (n - 1))
 
         def none_correct_within(k):
-            probability = 1.0
-            for t, (_, n, h) in enumerate(ranked):
-                s = sum(1 for a in range(min(k, len(tie_of))) if tie_of[a] == t)
+            probability, start = 1.0, 0
+            for _, n, h in ranked:  # tie t fills positions start .. start + n - 1; s of them lie within k
+                s = min(max(k - start, 0), n)
                 probability *= math.comb(n - h, s) / math.comb(n, s)
+                start += n
             return probability
 
         p1.append(correct(0))
@@ -279,10 +280,11 @@ def mean_over(results: list[dict]) -> dict:
             for key in results[0]}
 
 
-def with_duplicates(seed: int, n_classes: int = 8, copy_fraction: float = 0.4):
-    """`clustered` data in which a random `copy_fraction` of the points get 1-3 extra copies, each copy
-    keeping its point's label or (half the time) taking a random class: ties within and across classes."""
-    x, y = clustered(seed, n_classes=n_classes, d=6, max_size=8)
+def with_duplicates(seed: int, n_classes: int = 8, copy_fraction: float = 0.4, data=None):
+    """`clustered` data (or the given (x, y)) in which a random `copy_fraction` of the points get 1-3 extra
+    copies, each keeping its point's label or (half the time) taking a random class: ties within and
+    across classes."""
+    x, y = clustered(seed, n_classes=n_classes, d=6, max_size=8) if data is None else data
     rng = np.random.default_rng(seed)
     extra = np.where(rng.random(len(x)) < copy_fraction, rng.integers(1, 4, len(x)), 0)
     source = np.repeat(np.arange(len(x)), extra)
@@ -294,7 +296,7 @@ def with_duplicates(seed: int, n_classes: int = 8, copy_fraction: float = 0.4):
 
 def assert_distinct_vectors_never_tie(q, g, metric) -> None:
     """The search can follow the float64 reference only where different vectors are at clearly different
-    distances from every query (squared L2 distances are exact integers here, see `clustered`)."""
+    distances from every query (squared L2 distances of `clustered` data are exact integers)."""
     distinct = np.unique(g, axis=0)
     dist = np.sort(distance_matrix(q, distinct, metric) ** (2 if metric == "l2" else 1), axis=1)
     assert np.diff(dist, axis=1).min() > (0.5 if metric == "l2" else 1e-5)
@@ -329,6 +331,19 @@ def test_ties_match_expectation_reference_in_self_retrieval(seed, metric):
     expected = expected_reference_metrics(x, y, recall_ks=ks, metric=metric)
     assert 0.2 < expected["MAP@R"] < 0.9
     assert_metrics_equal(retrieval_metrics(x, y, recall_ks=ks, metric=metric), expected)
+
+
+def test_ties_match_expectation_reference_far_down_the_ranking():
+    # R@1000 searches every distinct gallery vector: several blocks of columns (64) of the search's result
+    x, y = with_duplicates(22, copy_fraction=0.3, data=clustered(22, n_classes=40, d=8, max_size=12))
+    to_query = np.random.default_rng(22).random(len(x)) < 0.08
+    q, ql, g, gl = x[to_query], y[to_query], x[~to_query], y[~to_query]
+    assert len(np.unique(g, axis=0)) > 3 * 64 and has_mixed_ties(g, gl)
+    assert_distinct_vectors_never_tie(q, g, "l2")  # seed 22 is one of the few (of 1-30) without such ties
+    ks = (*range(1, 300, 2), 1000)  # R@k at every other rank: any miscount of the positions ahead shows
+    expected = expected_reference_metrics(q, ql, g, gl, recall_ks=ks)
+    assert expected["R@151"] < 1  # some query's first match lies several blocks down
+    assert_metrics_equal(retrieval_metrics(q, ql, g, gl, recall_ks=ks), expected)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
