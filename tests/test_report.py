@@ -1,0 +1,315 @@
+"""report.py: the figures of a short digits run and of synthetic selection / embedding files, checked by
+the numbers each figure writes (recomputed here from metrics.jsonl or by brute force), never by pixels;
+the table beside PAPER.md §8; clear errors for broken run dirs."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import report
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits_ccp.yaml"
+# Instances converge on a schedule (as in test_train.py): every instance lasts 2 evaluations.
+FAST = ["train.eval_every=5", "projection.min_delta=1.0", "projection.instance_patience=1",
+        "train.patience=1000", "train.log_every_seconds=1000"]
+HOOKS = "save_selections" in train.DEFAULTS["ccp"]  # train.py writes selections/ and embeddings.npz
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A 20-step single-model run (selections at steps 0, 10, 20) and a 3-fold run of 5 steps each."""
+    root = tmp_path_factory.mktemp("runs")
+    hooks = ["ccp.save_selections=true", "evaluation.save_embeddings=true"] if HOOKS else []
+    train.run(train.load_config(DIGITS, [f"run_dir={root / 'single'}", "train.max_steps=20", *FAST, *hooks]))
+    train.run(train.load_config(DIGITS, [f"run_dir={root / 'folds'}", "train.max_steps=5", "fold=null", *FAST]))
+    return {"single": root / "single", "folds": root / "folds"}
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size < 400_000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert 300 <= image.width <= 2000 and 250 <= image.height <= 2000
+
+
+# ----------------------------------------------------------------------------- brute-force references
+
+def lipschitz(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(1.0, np.linalg.norm(x, axis=1, keepdims=True))  # n(x) = x / max(1, ||x||)
+
+
+def covering_radius_reference(points, labels, centers, center_labels) -> float:
+    radii = []
+    for c in np.unique(labels):
+        own = [p for p, l in zip(centers, center_labels) if l == c]
+        radii.append(max(min(np.linalg.norm(x - p) for p in own) for x, l in zip(points, labels) if l == c))
+    return float(np.mean(radii))
+
+
+def spread_reference(proxies, labels) -> float:
+    per_class = []
+    for c in np.unique(labels):
+        own = proxies[labels == c]
+        per_class.append(np.mean([np.linalg.norm(own[i] - own[j]) for i in range(len(own))
+                                  for j in range(i + 1, len(own))]))
+    return float(np.mean(per_class))
+
+
+def map_at_r_reference(x, y) -> float:
+    scores = []
+    for q in range(len(x)):
+        others = [i for i in range(len(x)) if i != q]
+        ranked = sorted(others, key=lambda i: np.linalg.norm(x[i] - x[q]))
+        r = sum(y[i] == y[q] for i in others)
+        hits, total = 0, 0.0
+        for rank, i in enumerate(ranked[:r], 1):
+            if y[i] == y[q]:
+                hits += 1
+                total += hits / rank
+        scores.append(total / r)
+    return float(np.mean(scores))
+
+
+def average_covering_radius_reference(x, y) -> float:
+    per_class = []
+    for c in np.unique(y):
+        points = x[y == c]
+        nearest = np.full(len(points), np.inf)  # farthest-first from nothing: the first point first
+        picked, radii = [], []
+        for _ in range(len(points)):
+            candidates = [i for i in range(len(points)) if i not in picked]
+            pick = max(candidates, key=lambda i: nearest[i])
+            picked.append(pick)
+            nearest = np.minimum(nearest, np.linalg.norm(points - points[pick], axis=1))
+            radii.append(nearest.max())
+        per_class.append(np.mean(radii))
+    return float(np.mean(per_class))
+
+
+def interclass_reference(x, y) -> float:
+    means = [x[y == c].mean(axis=0) for c in np.unique(y)]
+    return float(np.mean([np.linalg.norm(a - b) for i, a in enumerate(means) for b in means[i + 1:]]))
+
+
+# ----------------------------------------------------------------------------- figures of a real run
+
+def test_report_png_numbers_equal_metrics_jsonl(runs, tmp_path):
+    log = read_log(runs["single"] / "metrics.jsonl")
+    evals = [r for r in log if "val" in r]
+    numbers = report.figure_run(runs["single"], tmp_path / "report.png")
+    assert_png(tmp_path / "report.png")
+    scores = [r["val"]["MAP@R"] for r in evals]
+    assert numbers["best_val_MAP@R"] == max(scores)
+    assert numbers["best_step"] == evals[scores.index(max(scores))]["step"]
+    assert numbers["lam"] == [(r["step"], r["lam"]) for r in evals]
+    # an instance ends at the last record that carries its number; with FAST every 10 steps
+    ends = [a["step"] for a, b in zip(evals, evals[1:]) if b["instance"] > a["instance"]]
+    last_converged = "selection" in evals[-1]  # the last instance converged if its last record re-selected
+    assert numbers["boundaries"] == ends + [evals[-1]["step"]] * last_converged == [10, 20]
+    starts = [0] + ends
+    assert numbers["steps_per_instance"] == [e - s for s, e in zip(starts, ends + [evals[-1]["step"]])] == [10, 10]
+    selections = [r for r in log if "selection" in r]
+    assert numbers["covering_radius"] == [
+        (r["step"], None if r["step"] == 0 else r["selection"]["covering_radius_before"],
+         r["selection"]["covering_radius_after"]) for r in selections]
+    assert numbers["last_loss"] == evals[-1]["loss"]
+
+
+def test_command_line_writes_every_figure_and_the_tables(runs, tmp_path, capsys):
+    assert report.main([str(runs["single"]), str(runs["folds"]), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((runs["single"] / "results.json").read_text())
+    assert f"| MAP@R | {100 * results['mean']['MAP@R']:.2f} | — | — |" in out
+    assert "no number for dataset 'digits'" in out
+    assert report.results_table(runs["folds"])[0] in out
+    single = ["report.png"] + ["instances.png", "tsne.png"] * HOOKS
+    folds = [f"fold{fold}/report.png" for fold in range(3)] + ["summary.png"]
+    for path in [runs["single"] / p for p in single] + [runs["folds"] / p for p in folds]:
+        assert_png(path)
+    assert_png(tmp_path / "comparison.png")
+
+
+def test_fold_run_gets_a_figure_per_model_a_summary_and_the_ensemble_column(runs):
+    written = report.report_run(runs["folds"], "val")
+    assert written == [runs["folds"] / f"fold{fold}" / "report.png" for fold in range(3)] + [
+        runs["folds"] / "summary.png"]
+    results = json.loads((runs["folds"] / "results.json").read_text())
+    text, rows = report.results_table(runs["folds"])
+    for key in ("P@1", "MAP@R", "NMI"):
+        assert rows[key]["mean"] == results["mean"][key]
+        assert rows[key]["ensemble"] == results["ensemble_mean"][key]
+        assert rows[key]["paper"] is None and rows[key]["difference"] is None
+    assert "| 32-D mean of 3 model(s) | 96-D ensemble |" in text
+
+
+def test_comparison_of_two_runs(runs, tmp_path):
+    assert report.report_comparison([runs["single"], runs["folds"]], tmp_path, "val") == [tmp_path / "comparison.png"]
+    assert_png(tmp_path / "comparison.png")
+    numbers = report.figure_comparison({"single": [runs["single"]],
+                                        "folds": sorted(runs["folds"].glob("fold*"))}, tmp_path / "c.png")
+    best = [max(r["val"]["MAP@R"] for r in read_log(runs["folds"] / f"fold{f}" / "metrics.jsonl") if "val" in r)
+            for f in range(3)]
+    assert numbers["folds"]["best_val_MAP@R"] == pytest.approx((np.mean(best), np.std(best, ddof=1)))
+    tests = [json.loads((runs["folds"] / f"fold{f}" / "results.json").read_text())["test"]["MAP@R"]
+             for f in range(3)]
+    assert numbers["folds"]["test_MAP@R"] == pytest.approx((np.mean(tests), np.std(tests, ddof=1)))
+    single = json.loads((runs["single"] / "results.json").read_text())["mean"]["MAP@R"]
+    assert numbers["single"]["test_MAP@R"] == (single, 0.0)
+
+
+@pytest.mark.skipif(not HOOKS, reason="train.py does not write selections/ and embeddings.npz yet")
+def test_fig1_and_fig2_of_a_real_run(runs, tmp_path):
+    panels = report.figure_instances(runs["single"], tmp_path / "fig1.png")
+    assert_png(tmp_path / "fig1.png")
+    files = sorted((runs["single"] / "selections").glob("*.npz"))
+    assert [p["step"] for p in panels[:-1]] == [0, 10, 20] and panels[-1]["final"]
+    assert len(panels) == len(files)
+    for panel, path in zip(panels, report.selection_files(runs["single"])):
+        with np.load(path) as f:
+            fit = lipschitz(f["fit_embeddings"].astype(np.float64))
+            nxt = lipschitz(f["selected_proxies"].astype(np.float64))
+            assert panel["covering_radius_next"] == pytest.approx(
+                covering_radius_reference(fit, f["fit_labels"], nxt, f["proxy_labels"]), rel=1e-6)
+    numbers = report.figure_tsne({"run": runs["single"]}, tmp_path / "fig2.png")
+    with np.load(runs["single"] / "embeddings.npz") as f:
+        x, y = f["val_embeddings"].astype(np.float64), f["val_labels"]
+    assert numbers["run"]["interclass_distance"] == pytest.approx(interclass_reference(x, y), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- Fig. 1 on synthetic files
+
+def write_selection(path: Path, step: int, instance: int, converged, selected, fit, fit_labels) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, step=step, instance=instance, converged_proxies=converged, selected_proxies=selected,
+             proxy_labels=np.repeat(np.arange(2), 3), fit_embeddings=fit, fit_labels=fit_labels,
+             normalization="lipschitz")
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_fig1_panels_carry_brute_force_radius_and_spread(tmp_path, dim):
+    rng = np.random.default_rng(dim)
+    fit, fit_labels = rng.normal(0, 0.8, (40, dim)), np.repeat([0, 1], 20)  # inside and outside the unit ball
+    proxies = [rng.normal(0, 0.8, (6, dim)) for _ in range(3)]
+    folder = tmp_path / "run" / "selections"
+    write_selection(folder / "step0000000.npz", 0, 0, np.zeros((6, dim)), proxies[0], fit, fit_labels)
+    write_selection(folder / "step0000050.npz", 50, 1, proxies[0], proxies[1], fit, fit_labels)
+    write_selection(folder / "final.npz", 80, 1, proxies[1], proxies[2], fit, fit_labels)
+    panels = report.figure_instances(tmp_path / "run")
+    assert_png(tmp_path / "run" / "instances.png")
+    assert [(p["step"], p["final"]) for p in panels] == [(0, False), (50, False), (80, True)]
+    assert panels[0]["covering_radius_converged"] is None and panels[0]["spread_converged"] is None
+    labels = np.repeat(np.arange(2), 3)
+    for panel, converged, selected in zip(panels, [None, proxies[0], proxies[1]], proxies):
+        for key, p in (("converged", converged), ("next", selected)):
+            if p is None:
+                continue
+            expected = covering_radius_reference(lipschitz(fit), fit_labels, lipschitz(p), labels)
+            assert panel[f"covering_radius_{key}"] == pytest.approx(expected, rel=1e-9)
+            assert panel[f"spread_{key}"] == pytest.approx(spread_reference(lipschitz(p), labels), rel=1e-9)
+
+
+def test_coalesced_proxies_have_zero_spread():
+    proxies = np.array([[0.5, 0.5], [0.5, 0.5], [-1.0, 0.0], [-1.0, 1e-3]])
+    labels = np.array([0, 0, 1, 1])
+    spread = report.proxy_spread(report.normalized(proxies, "lipschitz"), torch.as_tensor(labels))
+    assert spread == pytest.approx(1e-3 / 2, rel=1e-3)  # class 0: 0, class 1: ~1e-3
+
+
+def test_a_selection_file_without_a_key_is_named(tmp_path):
+    path = tmp_path / "run" / "selections" / "step0000000.npz"
+    path.parent.mkdir(parents=True)
+    np.savez(path, step=0, instance=0)
+    with pytest.raises(report.ReportError, match="converged_proxies"):
+        report.figure_instances(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- Fig. 2 on synthetic files
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_fig2_numbers_equal_brute_force(tmp_path, dim):
+    rng = np.random.default_rng(10 + dim)
+    runs = {}
+    for name, scale in (("before", 0.6), ("after", 0.2)):
+        y = np.repeat([3, 5, 7], 12)
+        x = (rng.normal(0, scale, (36, dim)) + np.eye(dim)[y % dim]).astype(np.float32)
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "embeddings.npz", val_embeddings=x, val_labels=y,
+                 test_embeddings=x[:4], test_labels=y[:4])
+        runs[name] = (tmp_path / name, x.astype(np.float64), y)
+    numbers = report.figure_tsne({k: v[0] for k, v in runs.items()}, tmp_path / "fig2.png")
+    assert_png(tmp_path / "fig2.png")
+    for name, (_, x, y) in runs.items():
+        assert numbers[name]["MAP@R"] == pytest.approx(map_at_r_reference(x, y), abs=1e-6)
+        assert numbers[name]["average_covering_radius"] == pytest.approx(average_covering_radius_reference(x, y),
+                                                                         rel=1e-6)
+        assert numbers[name]["interclass_distance"] == pytest.approx(interclass_reference(x, y), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the paper's table
+
+def test_paper_numbers_are_read_from_paper_md_section_8():
+    table = report.paper_numbers()
+    assert table[("MS-CCP (L)", "sop")] == pytest.approx({"P@1": 0.7896, "MAP@R": 0.5185})
+    assert table[("C2", "inshop")] == pytest.approx({"P@1": 0.8632, "MAP@R": 0.5942})
+    assert table[("Proxy-Anchor", "cub")] == pytest.approx({"P@1": 0.6843, "MAP@R": 0.2653})
+
+
+def test_table_puts_the_ensemble_beside_the_paper_with_the_difference(tmp_path):
+    config = {"method": "ccp", "dataset": {"name": "cars"}, "loss": {"name": "c1"}, "model": {"embedding_dim": 128}}
+    mean, ensemble = {"P@1": 0.75, "MAP@R": 0.21, "queries_without_match": 0}, {"P@1": 0.80, "MAP@R": 0.25}
+    per_seed = [{"seed": s, "mean": mean} for s in (0, 1)]
+    results = {"config": config, "models": [{}] * 8, "per_seed": per_seed, "mean": mean,
+               "sd": {"P@1": 0.01, "MAP@R": 0.02}, "ensemble_mean": ensemble, "ensemble_sd": {}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text, rows = report.results_table(tmp_path)
+    assert rows["P@1"] == pytest.approx({"mean": 0.75, "sd": 0.01, "ensemble": 0.80, "paper": 0.8376,
+                                         "difference": 0.80 - 0.8376})
+    assert "queries_without_match" not in rows
+    assert "| P@1 | 75.00 ± 1.00 | 80.00 | 83.76 | -3.76 |" in text
+    assert "| metric | 128-D mean of 4 model(s), ± sd over 2 seeds | 512-D ensemble |" in text
+
+
+def test_a_method_the_paper_does_not_report_is_said_so(tmp_path):
+    config = {"method": "xbm", "dataset": {"name": "sop"}, "loss": {"name": "c1"}, "model": {"embedding_dim": 128}}
+    (tmp_path / "results.json").write_text(json.dumps({"config": config, "test": {"MAP@R": 0.4}}))
+    text, rows = report.results_table(tmp_path)
+    assert rows["MAP@R"]["paper"] is None and "no row for this method" in text
+
+
+# ----------------------------------------------------------------------------- broken run dirs
+
+def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nowhere")]) == 1
+    assert f"run dir not found: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no metrics.jsonl"):
+        report.model_dirs(tmp_path / "empty")
+
+
+def test_torn_last_line_is_tolerated_and_a_corrupt_line_is_named(runs, tmp_path):
+    lines = (runs["single"] / "metrics.jsonl").read_text().splitlines()
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text("\n".join(lines) + '\n{"step": 25, "val": {"MAP')
+    assert report.read_metrics(torn) == [json.loads(line) for line in lines]
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(report.ReportError, match=r"corrupt.jsonl:3: not valid JSON"):
+        report.read_metrics(corrupt)
+    corrupt.write_text('{"step": 5, "val": {"P@1": 1.0}}\n')
+    with pytest.raises(report.ReportError, match=r"corrupt.jsonl:1: a validation record needs"):
+        report.read_metrics(corrupt)
+    (tmp_path / "run").mkdir()
+    shutil.copy(runs["single"] / "results.json", tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "selection": {}}\n')
+    with pytest.raises(report.ReportError, match="no validation record"):
+        report.figure_run(tmp_path / "run")
