@@ -16,6 +16,15 @@ Backbones, each with `feature_dim` and `features(x) -> (B, C, H, W)`:
 get no gradient and the running statistics never change, because the BatchNorm modules stay in
 eval mode even under `model.train()`.
 
+Speed without changing what is computed (measured in benchmarks/bench_step.py):
+- BN-Inception folds each BatchNorm that is in eval mode (frozen, or evaluating) into its conv
+  (`fold_batchnorm`; backbone_kwargs {fold_bn: false} runs BatchNorm as its own op), which saves its
+  passes over the activations forward and backward; its average-pool branches then project before
+  pooling. Sums are formed in another order, so results move by float32 rounding, no more.
+- `channels_last=True` keeps the conv weights and the input in channels_last (NHWC) memory, the layout
+  oneDNN's fastest CPU convolutions work in (NCHW costs a reorder before and after every conv).
+Neither changes the state_dict: the same keys, shapes and values, so a checkpoint loads into any of them.
+
 `build_model` is the seeded entry point: parameter initialisation runs under a forked CPU RNG
 seeded with `seed`, so the built weights are a pure function of the arguments. The constructors
 themselves draw from torch's global RNG, as every nn.Module does.
@@ -72,6 +81,16 @@ def _pool(kind: str, x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 3, stride=2, ceil_mode=True)
 
 
+def fold_batchnorm(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one conv that equals eval-mode bn(conv(x)), differentiable in all four tensors.
+
+    bn(W∗x + b) = s·(W∗x + b − μ) + β with s = γ/√(σ² + ε): a conv with W' = s·W and b' = s·(b − μ) + β.
+    Saves BatchNorm's pass over the activations forward and backward; the state_dict is unchanged.
+    """
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return conv.weight * scale[:, None, None, None], (conv.bias - bn.running_mean) * scale + bn.bias
+
+
 class BNInception(nn.Module):
     """BN-Inception with the PyTorch port's flat Caffe layer names (no classifier `last_linear`).
 
@@ -93,8 +112,9 @@ class BNInception(nn.Module):
         _Block("inception_5b", 1024, 352, 192, 320, 192, 224, 128, "max"),
     )
 
-    def __init__(self) -> None:
+    def __init__(self, fold_bn: bool = True) -> None:
         super().__init__()
+        self.fold_bn = fold_bn
         self._add_unit("conv1_7x7_s2", 3, 64, 7, stride=2, padding=3)
         self._add_unit("conv2_3x3_reduce", 64, 64, 1)
         self._add_unit("conv2_3x3", 64, 192, 3, padding=1)
@@ -118,9 +138,20 @@ class BNInception(nn.Module):
         if b.pool_proj:
             self._add_unit(f"{b.name}_pool_proj", b.in_channels, b.pool_proj, 1)
 
+    def folds(self, bn: _BatchNorm) -> bool:
+        """Whether `bn` runs folded into its conv: asked for, and BatchNorm in eval mode (frozen, or evaluating)."""
+        return self.fold_bn and not bn.training
+
+    def conv_bn(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Caffe's conv `name` and its BatchNorm."""
+        conv, bn = getattr(self, name), getattr(self, name + "_bn")
+        if not self.folds(bn):
+            return bn(conv(x))
+        return F.conv2d(x, *fold_batchnorm(conv, bn), conv.stride, conv.padding)
+
     def unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Caffe's conv → BatchNorm → ReLU unit `name`."""
-        return F.relu(getattr(self, name + "_bn")(getattr(self, name)(x)), inplace=True)
+        return F.relu(self.conv_bn(name, x), inplace=True)
 
     def block(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
         """Inception block `b`: its branches concatenated along channels in the port's order."""
@@ -128,16 +159,30 @@ class BNInception(nn.Module):
         branches.append(self.unit(f"{b.name}_3x3", self.unit(f"{b.name}_3x3_reduce", x)))
         double = self.unit(f"{b.name}_double_3x3_1", self.unit(f"{b.name}_double_3x3_reduce", x))
         branches.append(self.unit(f"{b.name}_double_3x3_2", double))
-        pooled = _pool(b.pool, x)
-        branches.append(self.unit(f"{b.name}_pool_proj", pooled) if b.pool_proj else pooled)
+        branches.append(self.pool_branch(b, x))
         return torch.cat(branches, dim=1)
+
+    def pool_branch(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
+        """Block `b`'s 3×3 pool, followed by the unit `pool_proj` unless `b` is a reduction block.
+
+        With BatchNorm folded, the average pool's projection runs first: a bias-free 1×1 conv and a
+        zero-padded 3×3 mean (always divided by 9) are both linear, so they commute, and the pool then
+        averages pool_proj's 32–128 channels instead of the block's 192–1056; the bias joins after it.
+        """
+        name = f"{b.name}_pool_proj"
+        if b.pool == "avg" and self.folds(getattr(self, name + "_bn")):
+            weight, bias = fold_batchnorm(getattr(self, name), getattr(self, name + "_bn"))
+            return F.relu(_pool("avg", F.conv2d(x, weight)) + bias[:, None, None], inplace=True)
+        pooled = _pool(b.pool, x)
+        return self.unit(name, pooled) if b.pool_proj else pooled
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, 1024, H', W'); 7×7 for H = W = 224 or 227."""
         _check_images(x, 3, "BNInception.features")
-        x = F.max_pool2d(self.unit("conv1_7x7_s2", x), 3, stride=2, ceil_mode=True)
-        x = self.unit("conv2_3x3", self.unit("conv2_3x3_reduce", x))
-        x = F.max_pool2d(x, 3, stride=2, ceil_mode=True)
+        # each stem max pool runs before its unit's ReLU: max and ReLU commute (ReLU is monotone), so values
+        # and gradients are the same bits, and the ReLU touches a quarter of the values
+        x = F.relu(_pool("max_s2", self.conv_bn("conv1_7x7_s2", x)), inplace=True)
+        x = F.relu(_pool("max_s2", self.conv_bn("conv2_3x3", self.unit("conv2_3x3_reduce", x))), inplace=True)
         for b in self.BLOCKS:
             x = self.block(b, x)
         return x
@@ -237,11 +282,13 @@ class EmbeddingModel(nn.Module):
 
     Returns raw embeddings (no normalisation). With `freeze_bn` every BatchNorm is frozen: its γ, β
     have requires_grad False and the module stays in eval mode under `train()`, so its running
-    statistics never change (PAPER.md §7).
+    statistics never change (PAPER.md §7). With `channels_last` 4-D input is converted to channels_last
+    memory before the backbone (build_model converts the weights), so the result does not depend on
+    the layout the input comes in.
     """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int = 128, pooling: str = "avg",
-                 freeze_bn: bool = True) -> None:
+                 freeze_bn: bool = True, channels_last: bool = False) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"EmbeddingModel: pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -253,6 +300,7 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.freeze_bn = freeze_bn
+        self.channels_last = channels_last
         self.feature_dim = backbone.feature_dim
         self.embedding_dim = embedding_dim
         self.embedding = nn.Linear(backbone.feature_dim, embedding_dim, bias=False)
@@ -272,6 +320,8 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, ...) → raw embeddings f(x), (B, embedding_dim)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.embedding(global_pool(self.backbone.features(x), self.pooling))
 
 
@@ -371,12 +421,13 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike) -> Path:
 
 def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.PathLike | None = None,
                 pooling: str = "avg", freeze_bn: bool = True, seed: int = 0,
-                backbone_kwargs: dict | None = None) -> EmbeddingModel:
+                backbone_kwargs: dict | None = None, channels_last: bool = False) -> EmbeddingModel:
     """The embedding model of PAPER.md §7: a pure function of its arguments (and the weight file).
 
     `pretrained`: None (initialised from `seed`), a weight file, or a known name ("imagenet" for
     bninception; "IMAGENET1K_V1" / "IMAGENET1K_V2" for resnet50), loaded into the backbone only.
     `backbone_kwargs` go to the backbone's constructor, e.g. {"in_channels": 3} for tiny_cnn.
+    `channels_last`: weights and input in channels_last memory (faster on CPU; the state_dict is the same).
     """
     if backbone not in BACKBONES:
         close = difflib.get_close_matches(str(backbone), list(BACKBONES), n=1)
@@ -389,7 +440,7 @@ def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.Pa
         raise ValueError(f"build_model: {backbone} takes backbone_kwargs {accepted}, got unknown {unknown}")
     with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG state is left untouched
         torch.default_generator.manual_seed(seed)
-        model = EmbeddingModel(BACKBONES[backbone](**kwargs), embedding_dim, pooling, freeze_bn)
+        model = EmbeddingModel(BACKBONES[backbone](**kwargs), embedding_dim, pooling, freeze_bn, channels_last)
     if pretrained is not None:
         load_pretrained(model.backbone, resolve_pretrained(backbone, pretrained))
-    return model
+    return model.to(memory_format=torch.channels_last) if channels_last else model

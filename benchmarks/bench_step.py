@@ -1,18 +1,30 @@
-"""Time per training step and memory of CCP next to the plain pair loss, side by side.
+"""Time per training step: the fast path next to the old one, and CCP next to the plain pair loss.
 
-PAPER.md §8 reports +8 % time per step and one extra copy of the weights plus the proxies.
+    python benchmarks/bench_step.py [--steps 10] [--device cpu] [--threads 2] [--paths old,fast]
+                                    [--image-size 227] [--classes 11318] [--config configs/sop_ms.yaml]
 
-    python benchmarks/bench_step.py [--steps 15] [--device cpu] [--image-size 227] [--classes 11318]
+Every variant runs train.train_step with the settings of `--config` (BN-Inception, batch 32 = 8
+classes x 4, frozen BatchNorm, the authors' update: coupled decay, both clippings, Keras' Adam) on
+random weights and images, so no data loading is timed, under torch.use_deterministic_algorithms as
+in a training run. "plain" is the multi-similarity pair loss alone; "ccp" adds the proxy term over
+`--classes` x K proxies, the pull lambda (theta - theta_anchor) and the proxies' weight decay.
 
-Both variants run the same train.train_step (BN-Inception, batch 32 = 8 classes x 4, random weights
-and images, so no data loading is timed): "plain" is the multi-similarity pair loss; "ccp" adds the
-proxy term over `--classes` x K proxies, the pull lambda (theta - theta_anchor) and the proxies'
-weight decay. Steps alternate between the two so that machine noise hits both alike. Memory is the
-training state each variant keeps between steps (weights, buffers, gradients, Adam's moments,
-theta_anchor, proxies), counted tensor by tensor: exact and the same on any device, where a CPU's
-peak resident memory moves by hundreds of MiB with the allocator's whims.
+Paths (the layout and kernel choices, printed with the figures):
+- old:   the path before the fast one (issue 15): NCHW tensors, BatchNorm run as its own op, every
+  new tensor filled with NaN first (what use_deterministic_algorithms does unless told otherwise);
+- model: channels_last network and input, each frozen BatchNorm folded into its conv (model.py);
+- fast:  model, and no filling of new tensors (torch.utils.deterministic.fill_uninitialized_memory =
+  False: still deterministic, as no op here reads memory it did not write).
+No torch.compile: measured once on this kind of machine it was not worth it (README, Benchmarks).
+
+Steps rotate through all variants, round after round, so that machine noise hits each alike; the
+median and the fastest step of each are reported with their ratios, and on CPU the median process
+CPU time (the steadier figure on a busy machine). Memory is the training state each variant keeps
+between steps (weights, buffers, gradients, Adam's moments, theta_anchor, proxies), counted tensor by
+tensor: exact and the same on any device.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,55 +32,65 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import build  # noqa: E402
 import losses  # noqa: E402
 import model as models  # noqa: E402
 import projection  # noqa: E402
 import train  # noqa: E402
 
-TC = {"weight_decay": 1e-4, "clip_norm": 10.0, "clip_value": 10.0}
+# path -> (channels_last, fold_bn, fill_uninitialized_memory)
+PATHS = {"old": (False, False, True), "model": (True, True, True), "fast": (True, True, False)}
 
 
-def build(variant: str, args) -> dict:
-    """Network, optimiser and loss of one variant, with the paper's settings (PAPER.md §2, §7)."""
-    device = torch.device(args.device)
-    network = models.build_model("bninception", 128, None, "avg", True, seed=0).to(device)
-    params = [p for p in network.parameters() if p.requires_grad]
-    ms = {"alpha": 2.0, "beta": 40.0, "base": 0.5}
-    if variant == "ccp":
-        proxies = losses.Proxies(args.classes, args.per_class, 128, generator=torch.Generator().manual_seed(0))
-        objective = losses.CCPLoss(losses.multi_similarity, proxies, 0.1, 1.0, **ms).to(device)
-        anchor = projection.ProximalAnchor(params)
+def build_variant(method: str, path: str, cfg: dict, args) -> dict:
+    """Network, objective, optimiser and batch of one (method, path) pair, from the config's settings."""
+    channels_last, fold_bn, fill = PATHS[path]
+    device, mc = torch.device(args.device), cfg["model"]
+    network = models.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"], seed=0,
+                                 backbone_kwargs={"fold_bn": fold_bn}, channels_last=channels_last).to(device)
+    cfg = {**cfg, "method": "ccp" if method == "ccp" else "baseline"}
+    objective = build.build_objective(cfg, args.classes, mc["embedding_dim"], seed=0) if method == "ccp" else None
+    if objective is not None:
+        objective.to(device)
+        anchor = projection.ProximalAnchor(p for p in network.parameters() if p.requires_grad)
         anchor.anchor()
-        extra = list(objective.parameters())
+        lam = cfg["projection"]["lam"]
+
+        def pull() -> None:
+            anchor.add_to_grad(lam)
+
         compute_loss = objective
     else:
-        anchor, extra = None, []
+        anchor, pull = None, None
+        normalize, loss, params = build.normalizer(cfg), losses.LOSSES[cfg["loss"]["name"]], cfg["loss"]["params"]
 
-        def compute_loss(x, y):
-            return losses.multi_similarity(losses.lipschitz_normalize(x), y, **ms)
+        def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss(normalize(x), y, **params)
 
-    optimizer = torch.optim.Adam([{"params": params}, {"params": extra}] if extra else params,
-                                 lr=1e-5, betas=(0.9, 0.999), eps=1e-7)
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(32, 3, args.image_size, args.image_size, generator=generator).to(device) * 50
-    labels = torch.arange(8).repeat_interleave(4).to(device)
+    size, dc = args.image_size, cfg["data"]
+    inputs = (torch.randn(dc["classes_per_batch"] * dc["samples_per_class"], 3, size, size, generator=generator)
+              * 50).to(device)
+    labels = torch.arange(dc["classes_per_batch"]).repeat_interleave(dc["samples_per_class"]).to(device)
     network.train()
-    return {"network": network, "loss": compute_loss, "optimizer": optimizer, "anchor": anchor,
-            "decayed": params + extra, "inputs": inputs, "labels": labels}
+    return {"network": network, "objective": objective, "loss": compute_loss, "anchor": anchor, "pull": pull,
+            "optimizer": build.build_optimizer(cfg, network, objective), "inputs": inputs, "labels": labels,
+            "fill": fill, "wall": [], "cpu": []}
 
 
-def step(v: dict, device: str) -> float:
-    start = time.perf_counter()
-    train.train_step(v["network"], v["loss"], v["optimizer"], v["inputs"], v["labels"], v["decayed"], TC,
-                     v["anchor"], lam=2e-4 if v["anchor"] is not None else 0.0)
+def step(v: dict, device: str) -> None:
+    torch.utils.deterministic.fill_uninitialized_memory = v["fill"]
+    start, start_cpu = time.perf_counter(), time.process_time()
+    train.train_step(v["network"], v["loss"], v["optimizer"], v["inputs"], v["labels"], v["pull"])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    v["wall"].append(time.perf_counter() - start)
+    v["cpu"].append(time.process_time() - start_cpu)
 
 
 def state_mib(v: dict) -> float:
     """MiB of the tensors a variant keeps between steps, each storage counted once."""
-    modules = [v["network"]] + ([v["loss"]] if isinstance(v["loss"], torch.nn.Module) else [])
+    modules = [v["network"]] + ([v["objective"]] if v["objective"] is not None else [])
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     tensors += [t.grad for t in list(tensors) if t.grad is not None]
     tensors += [t for state in v["optimizer"].state.values() for t in state.values() if torch.is_tensor(t)]
@@ -77,40 +99,74 @@ def state_mib(v: dict) -> float:
     return sum(storages.values()) / 2**20
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def ratio(values: list[float], base: list[float], how) -> float:
+    return how(values) / how(base)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every variant each)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", default="old,fast", help=f"comma-separated, of {tuple(PATHS)}")
+    parser.add_argument("--methods", default="plain,ccp", help="comma-separated, of ('plain', 'ccp')")
     parser.add_argument("--image-size", type=int, default=227)
     parser.add_argument("--classes", type=int, default=11318, help="proxy classes (SOP: 11,318)")
-    parser.add_argument("--per-class", type=int, default=4, help="proxies per class K (SOP: 4)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "sop_ms.yaml"))
     args = parser.parse_args()
+    paths, methods = args.paths.split(","), args.methods.split(",")
+    if not set(paths) <= set(PATHS) or not set(methods) <= {"plain", "ccp"}:
+        parser.error(f"--paths takes some of {tuple(PATHS)}, --methods some of ('plain', 'ccp')")
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)  # as a training run (bookkeeping.make_deterministic)
+    cfg = train.load_config(args.config)
 
-    variants = {name: build(name, args) for name in ("plain", "ccp")}
-    for v in variants.values():  # warm-up: allocator, first-call overheads
+    variants = {(m, p): build_variant(m, p, cfg, args) for m in methods for p in paths}
+    for v in variants.values():  # warm-up: allocator, first-call overheads, Adam's state
         step(v, args.device)
-    times = {name: [] for name in variants}
+        v["wall"].clear(), v["cpu"].clear()
     for _ in range(args.steps):
-        for name, v in variants.items():
-            times[name].append(step(v, args.device))
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    memory = {name: state_mib(v) for name, v in variants.items()}
+        for v in variants.values():
+            step(v, args.device)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
-    network = variants["ccp"]["network"]
-    weights_mib = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad) / 2**20
-    proxies_mib = args.classes * args.per_class * 128 * 4 / 2**20
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, BN-Inception, batch 32 "
-          f"(8 x 4), {args.image_size}x{args.image_size}, {args.steps} alternating steps each")
-    print(f"{'variant':<8}{'median s/step':>15}{'min s/step':>12}{'state MiB':>11}")
-    for name in variants:
-        print(f"{name:<8}{median[name]:>15.3f}{min(times[name]):>12.3f}{memory[name]:>11.1f}")
-    print(f"CCP / plain time per step: {median['ccp'] / median['plain']:.3f} (median), "
-          f"{min(times['ccp']) / min(times['plain']):.3f} (min)")
-    print(f"CCP's extra state: {memory['ccp'] - memory['plain']:.1f} MiB = theta_anchor {weights_mib:.1f} MiB "
-          f"(one copy of the trainable weights) + proxies {proxies_mib:.1f} MiB x 4 (values, gradient, "
-          f"Adam's two moments) = {weights_mib + 4 * proxies_mib:.1f} MiB expected")
+    batch = len(next(iter(variants.values()))["labels"])
+    where = args.device if args.device != "cpu" else f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    print(f"torch {torch.__version__}, {where}; {cfg['model']['backbone']}, batch {batch}, {args.image_size}x"
+          f"{args.image_size}; {args.steps} rounds of {len(variants)} interleaved steps; no torch.compile")
+    for p in paths:
+        channels_last, fold_bn, fill = PATHS[p]
+        print(f"  path {p}: {'channels_last' if channels_last else 'NCHW'}, BatchNorm "
+              f"{'folded into its conv' if fold_bn else 'as its own op'}, new tensors "
+              f"{'filled with NaN' if fill else 'not filled'}")
+    header = f"{'method':<7}{'path':<7}{'median s':>10}{'min s':>9}{'cpu s':>9}{'state MiB':>11}"
+    print(header + "".join(f"{k + ' /' + paths[0]:>15}" for k in ("median", "min", "cpu")))
+    for (m, p), v in variants.items():
+        base = variants[(m, paths[0])]
+        print(f"{m:<7}{p:<7}{statistics.median(v['wall']):>10.3f}{min(v['wall']):>9.3f}"
+              f"{statistics.median(v['cpu']):>9.3f}{state_mib(v):>11.1f}"
+              + "".join(f"{ratio(v[key], base[key], how):>15.3f}"
+                        for key, how in (("wall", statistics.median), ("wall", min), ("cpu", statistics.median))))
+    if set(methods) == {"plain", "ccp"}:
+        for p in paths:
+            plain, ccp = variants[("plain", p)], variants[("ccp", p)]
+            print(f"CCP / plain, path {p}: {ratio(ccp['wall'], plain['wall'], statistics.median):.3f} (median), "
+                  f"{ratio(ccp['wall'], plain['wall'], min):.3f} (min)")
+        network = variants[("ccp", paths[-1])]["network"]
+        weights = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad) / 2**20
+        proxies = variants[("ccp", paths[-1])]["objective"].proxies.weight
+        proxies_mib = proxies.numel() * proxies.element_size() / 2**20
+        extra = state_mib(variants[("ccp", paths[-1])]) - state_mib(variants[("plain", paths[-1])])
+        print(f"CCP's extra state: {extra:.1f} MiB = theta_anchor {weights:.1f} MiB (one copy of the trainable "
+              f"weights) + proxies {proxies_mib:.1f} MiB x 4 (values, gradient, Adam's two moments) = "
+              f"{weights + 4 * proxies_mib:.1f} MiB expected")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests of model.py: BN-Inception's layout against the port's state_dict listing, its blocks against
 a functional reference written here, weight loading, frozen BatchNorm, the embedding head and
 seeded building."""
+import io
 import json
 import math
 import urllib.error
@@ -50,6 +51,20 @@ def port_file(shapes: dict, path: Path, seed: int) -> dict:
         state[key] = value
     torch.save(state, path)
     return state
+
+
+def _random_batchnorm_(net, seed):
+    """Every BatchNorm's statistics and affine parameters drawn at random (in place); returns `net`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return net
+
 
 
 # ------------------------------------------------------------------------------------------- BN-Inception
@@ -126,10 +141,11 @@ def _reference_block(net, n, x):
     return torch.cat(out, 1)
 
 
+@pytest.mark.parametrize("fold_bn", [True, False])
 @pytest.mark.parametrize("block_name", sorted(POOL_OF_BLOCK))
-def test_bninception_blocks_match_functional_reference(block_name):
+def test_bninception_blocks_match_functional_reference(block_name, fold_bn):
     torch.manual_seed(1)
-    net = model.BNInception().double().eval()
+    net = model.BNInception(fold_bn=fold_bn).double().eval()
     with torch.no_grad():  # small running variances make eps matter, so a wrong eps fails
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -143,6 +159,27 @@ def test_bninception_blocks_match_functional_reference(block_name):
         got, want = net.block(b, x), _reference_block(net, block_name, x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_bninception_stem_pools_before_relu_give_the_same_bits():
+    # the port's order, conv → BN → ReLU → max pool, written with the model's own units and blocks
+    torch.manual_seed(2)
+    net = _random_batchnorm_(model.BNInception(), seed=2).eval()
+    x = torch.randn(2, 3, 32, 32) * 50
+
+    def port_order(x):
+        x = F.max_pool2d(net.unit("conv1_7x7_s2", x), 3, stride=2, ceil_mode=True)
+        x = F.max_pool2d(net.unit("conv2_3x3", net.unit("conv2_3x3_reduce", x)), 3, stride=2, ceil_mode=True)
+        for b in net.BLOCKS:
+            x = net.block(b, x)
+        return x
+
+    got, want = net.features(x), port_order(x)
+    assert torch.equal(got, want)
+    upstream = torch.randn(got.shape)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(want, params, upstream)):
+        assert torch.equal(g, w)
 
 
 def test_bninception_rejects_non_rgb_input(bninception):
@@ -393,3 +430,145 @@ def test_corrupt_weight_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x80\x02truncated download")
     with pytest.raises(ValueError, match=r"cannot read .*bn_inception-52deb4733\.pth as a PyTorch weight file"):
         model.load_pretrained(model.BNInception(), path)
+
+
+# ------------------------------------------------------------------------------------------- fast path
+# Folded BatchNorm and channels_last change only the order in which float32 sums are formed: results
+# agree with the plain path to rounding, and each path is bit-for-bit repeatable on its own.
+
+def test_fold_batchnorm_is_conv_then_eval_batchnorm_with_the_same_gradients():
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).double()
+    bn = _random_batchnorm_(torch.nn.BatchNorm2d(5).double(), seed=3).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    tensors = (x, conv.weight, conv.bias, bn.weight, bn.bias)
+    statistics = (bn.running_mean.clone(), bn.running_var.clone())
+    # reference: (conv(x) − μ)/√(σ² + ε)·γ + β written out, with BatchNorm's own eps
+    y = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    want = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps) \
+        * bn.weight[:, None, None] + bn.bias[:, None, None]
+    got = F.conv2d(x, *model.fold_batchnorm(conv, bn), padding=1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(want.shape, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, tensors, upstream), torch.autograd.grad(want, tensors, upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(bn.running_mean, statistics[0]) and torch.equal(bn.running_var, statistics[1])
+
+
+def _bninception_pair(fold_bn, channels_last, seed=4):
+    """build_model's BN-Inception with the given fast-path choices and random BatchNorm statistics."""
+    net = model.build_model("bninception", 16, seed=seed, channels_last=channels_last,
+                            backbone_kwargs={"fold_bn": fold_bn})
+    return _random_batchnorm_(net, seed)
+
+
+def _loss(embeddings, labels):
+    # squared distance to a fixed random target per class: its gradient is well conditioned, so float32
+    # rounding differences stay at rounding size all the way back to the first layer
+    targets = torch.randn(2, embeddings.shape[1], generator=torch.Generator().manual_seed(9))
+    return (embeddings - targets[labels]).square().sum()
+
+
+def test_fast_path_matches_the_plain_path_to_float32_rounding():
+    plain, fast = _bninception_pair(False, False), _bninception_pair(True, True)
+    assert fast.backbone.conv2_3x3.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.backbone.conv2_3x3.weight.is_contiguous()
+    x, labels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 50, torch.tensor([0, 1])
+    out_plain, out_fast = plain(x), fast(x)
+    assert not torch.equal(out_plain, out_fast)  # the sums are formed differently ...
+    # ... which moves results by ~1e-6 of their scale (both paths are that far from a float64 run)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5 * out_plain.abs().max().item())
+    loss_plain, loss_fast = _loss(out_plain, labels), _loss(out_fast, labels)
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=0.0)
+    loss_plain.backward()
+    loss_fast.backward()
+    trainable = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in fast.named_parameters():
+        assert (p.grad is None) == (name not in trainable), name  # frozen BatchNorm gets no gradient
+        if p.grad is not None:
+            scale = trainable[name].grad.abs().max().item()
+            torch.testing.assert_close(p.grad, trainable[name].grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_fast_path_does_not_depend_on_the_input_layout():
+    fast = _bninception_pair(True, True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(fast(x), fast(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_batchnorm_in_training_mode_is_not_folded():
+    net = model.build_model("bninception", 16, freeze_bn=False).train()
+    bn = net.backbone.conv1_7x7_s2_bn
+    before = bn.running_mean.clone()
+    net(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(bn.running_mean, before) and bn.num_batches_tracked.item() == 1
+
+
+def _train(net, optimizer, steps, generator):
+    labels = torch.tensor([0, 0, 1, 1])
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        _loss(net(torch.randn(4, 3, 32, 32, generator=generator) * 50), labels).backward()
+        optimizer.step()
+
+
+def _fast_run():
+    # SGD with momentum: optimiser state to resume, at a fraction of Adam's elementwise passes
+    net = _bninception_pair(True, True)
+    return net, torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+
+@pytest.fixture
+def deterministic_without_filling():
+    """Deterministic kernels as in a training run, new tensors not filled (the fast path's setting)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
+@pytest.mark.usefixtures("deterministic_without_filling")
+def test_fast_path_training_is_bit_identical_and_resumes_exactly():
+    runs = []
+    for _ in range(2):
+        net, optimizer = _fast_run()
+        initial = net.embedding.weight.detach().clone()
+        _train(net, optimizer, 2, torch.Generator().manual_seed(7))
+        runs.append(net.state_dict())
+    # resume: 1 step, a checkpoint through a file's bytes, a fresh model and optimiser, 1 more step
+    net, optimizer = _fast_run()
+    generator = torch.Generator().manual_seed(7)
+    _train(net, optimizer, 1, generator)
+    buffer = io.BytesIO()
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed, optimizer = _fast_run()
+    resumed.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _train(resumed, optimizer, 1, generator)
+    runs.append(resumed.state_dict())
+    first = runs[0]
+    assert not torch.equal(first["embedding.weight"], initial)  # it trained
+    for other in runs[1:]:
+        assert list(other) == list(first)
+        assert all(torch.equal(first[k], other[k]) for k in first)
+    assert resumed.backbone.conv1_7x7_s2.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("source_cl, target_cl", [(True, False), (False, True)])
+def test_state_dict_does_not_depend_on_the_layout(source_cl, target_cl):
+    source = model.build_model("bninception", 16, seed=8, channels_last=source_cl)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    target = model.build_model("bninception", 16, seed=9, channels_last=target_cl)
+    target.load_state_dict(torch.load(buffer, weights_only=True))
+    got, want = target.state_dict(), source.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    layout = torch.channels_last if target_cl else torch.contiguous_format
+    assert all(p.is_contiguous(memory_format=layout) for p in target.parameters() if p.dim() == 4)
