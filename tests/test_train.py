@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import build
+import evaluate
 import losses
 import model
 import projection
@@ -461,3 +462,33 @@ def test_fake_sop_and_inshop_train_and_test(tmp_path, capsys, dataset, make):
     ks = [1, 10, 20, 30, 40] if dataset == "inshop" else [1, 10, 100, 1000]
     assert {f"R@{k}" for k in ks} <= results["mean"].keys()
     assert results["mean"]["R@10"] == 1.0  # every query's class is among fewer than 10 references
+
+
+def test_no_shipped_config_stops_before_the_supplements_longest_run():
+    """PAPER.md §7: early stopping ends a run; Table 3's longest average run is 131K steps (In-Shop MS-CCP)."""
+    assert train.DEFAULTS["train"]["max_steps"] == 10_000 * 250  # the authors' cap
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if not path.name.startswith("digits"):
+            assert train.load_config(path)["train"]["max_steps"] >= 131_000, path.name
+
+
+def test_repeats_ensemble_is_averaged_over_every_combination_of_fold_models(tmp_path):
+    """PAPER.md §7: with repeats, the ensemble's mean +- sd runs over all combinations of one repeat's
+    model per fold (2 seeds x 3 folds: 2^3 = 8), each n(concat(n(f_1), ..., n(f_3)))."""
+    results = run_digits(tmp_path, "rep", "train.max_steps=5", "repeats=2", "fold=null",
+                         "evaluation.save_embeddings=true", "evaluation.nmi=false")
+    assert results["ensemble_combinations"] == 8
+    parts = {(s, f): np.load(tmp_path / "rep" / f"seed{s}" / f"fold{f}" / "embeddings.npz") for s in (0, 1)
+             for f in range(3)}
+    labels = parts[0, 0]["test_labels"]
+
+    def n(x):  # x / max(1, ||x||), written out here
+        return x / np.maximum(1.0, np.linalg.norm(x, axis=1, keepdims=True))
+
+    scores = []
+    for choice in [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]:
+        joined = n(np.concatenate([n(parts[s, f]["test_embeddings"]) for f, s in enumerate(choice)], axis=1))
+        scores.append(evaluate.retrieval_metrics(joined, labels, recall_ks=(1,))["MAP@R"])
+    assert results["ensemble_mean"]["MAP@R"] == pytest.approx(np.mean(scores), abs=1e-6)
+    assert results["ensemble_sd"]["MAP@R"] == pytest.approx(np.std(scores, ddof=1), abs=1e-6)
+    assert [s["seed"] for s in results["per_seed"]] == [0, 1] and all("ensemble" in s for s in results["per_seed"])
