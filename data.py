@@ -756,7 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(MANUAL_STEPS[args.name])
             return 1
         print(f"downloading {args.url or ARCHIVES[args.name][0]} into {args.root} (resumes a partial download)")
-        download_dataset(args.name, args.root, args.url, args.md5)
+        try:
+            download_dataset(args.name, args.root, args.url, args.md5)
+        except (OSError, ValueError) as err:  # offline (URLError is an OSError), an MD5 mismatch, a full disk
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     problems = check(args.name, args.root)
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 import threading
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -724,3 +725,14 @@ def test_manual_steps_for_cars_and_inshop(tmp_path, capsys):
     assert "cars_annos.mat" in capsys.readouterr().out
     assert data.main(["download", "inshop", "--root", str(tmp_path)]) == 1
     assert "list_eval_partition.txt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure", [urllib.error.URLError("no network"), ValueError("MD5 mismatch: expected 97ec…")])
+def test_download_failures_are_one_line_errors(monkeypatch, capsys, tmp_path, failure):
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(data, "download_dataset", failing)
+    assert data.main(["download", "cub", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(failure.args[0]) in err
