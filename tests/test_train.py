@@ -492,3 +492,20 @@ def test_repeats_ensemble_is_averaged_over_every_combination_of_fold_models(tmp_
     assert results["ensemble_mean"]["MAP@R"] == pytest.approx(np.mean(scores), abs=1e-6)
     assert results["ensemble_sd"]["MAP@R"] == pytest.approx(np.std(scores, ddof=1), abs=1e-6)
     assert [s["seed"] for s in results["per_seed"]] == [0, 1] and all("ensemble" in s for s in results["per_seed"])
+
+
+def test_covering_radius_before_a_reselection_is_that_of_the_converged_proxies(tmp_path, monkeypatch):
+    """metrics.jsonl's covering_radius_before is measured for P*, the proxies k-center starts from."""
+    seen = []
+    original = train.selection.covering_radius
+
+    def recording(points, labels, centers, center_labels):
+        seen.append(centers.clone())
+        return original(points, labels, centers, center_labels)
+
+    monkeypatch.setattr(train.selection, "covering_radius", recording)
+    run_digits(tmp_path, "run", "train.max_steps=10")  # instance 0 converges at step 10, its best was step 5
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    converged = losses.lipschitz_normalize(best["objective"]["proxies.weight"])
+    before_at_step_10 = seen[2]  # calls: step 0 before, step 0 after, step 10 before, step 10 after
+    assert best["step"] == 5 and torch.equal(before_at_step_10, converged)
