@@ -275,7 +275,7 @@ def figure_run(model_dir: Path, path: Path | None = None) -> dict:
     numbers = {}
     for ax, draw in zip(axes.flat, (draw_validation, draw_covering_radius, draw_steps_per_instance, draw_loss)):
         numbers.update(draw(ax, records))
-    fig.suptitle(str(model_dir), fontsize=9)
+    fig.suptitle(f"{model_dir.parent.name}/{model_dir.name}", fontsize=9)
     fig.tight_layout()
     numbers["path"] = save_figure(fig, path or model_dir / "report.png")
     return numbers
