@@ -19,8 +19,9 @@ eval mode even under `model.train()`.
 Speed without changing what is computed (measured in benchmarks/bench_step.py):
 - BN-Inception folds each BatchNorm that is in eval mode (frozen, or evaluating) into its conv
   (`fold_batchnorm`; backbone_kwargs {fold_bn: false} runs BatchNorm as its own op), which saves its
-  passes over the activations forward and backward; its average-pool branches then project before
-  pooling. Sums are formed in another order, so results move by float32 rounding, no more.
+  passes over the activations forward and backward; a block's 1×1 convs that read its input then run
+  as one, and its average-pool branch projects before pooling (`folded_block`). Sums are formed in
+  another order, so results move by float32 rounding, no more.
 - `channels_last=True` keeps the conv weights and the input in channels_last (NHWC) memory, the layout
   oneDNN's fastest CPU convolutions work in (NCHW costs a reorder before and after every conv).
 Neither changes the state_dict: the same keys, shapes and values, so a checkpoint loads into any of them.
@@ -155,26 +156,44 @@ class BNInception(nn.Module):
 
     def block(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
         """Inception block `b`: its branches concatenated along channels in the port's order."""
-        branches = [self.unit(f"{b.name}_1x1", x)] if b.n1x1 else []
-        branches.append(self.unit(f"{b.name}_3x3", self.unit(f"{b.name}_3x3_reduce", x)))
-        double = self.unit(f"{b.name}_double_3x3_1", self.unit(f"{b.name}_double_3x3_reduce", x))
-        branches.append(self.unit(f"{b.name}_double_3x3_2", double))
-        branches.append(self.pool_branch(b, x))
-        return torch.cat(branches, dim=1)
+        heads = self.heads(b)
+        if all(self.folds(getattr(self, name + "_bn")) for name in heads):
+            outputs = self.folded_heads(b, heads, x)
+        else:
+            outputs = [self.unit(name, x) for name in heads if not name.endswith("_pool_proj")]
+        reduced, pool_branch = outputs[:3 if b.n1x1 else 2], outputs[3 if b.n1x1 else 2:]
+        branches = reduced[:-2] + [self.unit(f"{b.name}_3x3", reduced[-2])]
+        branches.append(self.unit(f"{b.name}_double_3x3_2", self.unit(f"{b.name}_double_3x3_1", reduced[-1])))
+        if not pool_branch:
+            pooled = _pool(b.pool, x)
+            pool_branch = [self.unit(f"{b.name}_pool_proj", pooled) if b.pool_proj else pooled]
+        return torch.cat(branches + pool_branch, dim=1)
 
-    def pool_branch(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
-        """Block `b`'s 3×3 pool, followed by the unit `pool_proj` unless `b` is a reduction block.
+    @staticmethod
+    def heads(b: _Block) -> list[str]:
+        """The 1×1 units that read the block's input: 1x1, both reduces and, after an average pool, pool_proj."""
+        names = [f"{b.name}_1x1"] if b.n1x1 else []
+        names += [f"{b.name}_3x3_reduce", f"{b.name}_double_3x3_reduce"]
+        return names + ([f"{b.name}_pool_proj"] if b.pool == "avg" else [])
 
-        With BatchNorm folded, the average pool's projection runs first: a bias-free 1×1 conv and a
-        zero-padded 3×3 mean (always divided by 9) are both linear, so they commute, and the pool then
-        averages pool_proj's 32–128 channels instead of the block's 192–1056; the bias joins after it.
+    def folded_heads(self, b: _Block, heads: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+        """The `heads` units' outputs, and the whole average-pool branch, with BatchNorm folded, in fewer
+        passes over the activations:
+
+        - the heads run as one 1×1 conv with their weights stacked: one pass over x forward, and x's
+          gradient comes out of one conv instead of being summed from four;
+        - the average pool's projection runs before the pool: a bias-free 1×1 conv and a zero-padded 3×3
+          mean (always divided by 9) are both linear, so they commute, and the pool then averages
+          pool_proj's 32–128 channels instead of the block's 192–1056; the bias joins after it.
         """
-        name = f"{b.name}_pool_proj"
-        if b.pool == "avg" and self.folds(getattr(self, name + "_bn")):
-            weight, bias = fold_batchnorm(getattr(self, name), getattr(self, name + "_bn"))
-            return F.relu(_pool("avg", F.conv2d(x, weight)) + bias[:, None, None], inplace=True)
-        pooled = _pool(b.pool, x)
-        return self.unit(name, pooled) if b.pool_proj else pooled
+        weights, biases = zip(*(fold_batchnorm(getattr(self, name), getattr(self, name + "_bn")) for name in heads))
+        projects = b.pool == "avg"
+        conv_biases = biases[:-1] + (torch.zeros_like(biases[-1]),) if projects else biases
+        pieces = F.conv2d(x, torch.cat(weights), torch.cat(conv_biases)).split([w.shape[0] for w in weights], dim=1)
+        outputs = [F.relu(piece) for piece in pieces[:-1 if projects else None]]
+        if projects:
+            outputs.append(F.relu(_pool("avg", pieces[-1]) + biases[-1][:, None, None], inplace=True))
+        return outputs
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, 1024, H', W'); 7×7 for H = W = 224 or 227."""

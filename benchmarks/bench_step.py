@@ -10,13 +10,19 @@ in a training run. "plain" is the multi-similarity pair loss alone; "ccp" adds t
 `--classes` x K proxies, the pull lambda (theta - theta_anchor) and the proxies' weight decay.
 
 Paths (the layout and kernel choices, printed with the figures):
-- old:   the path before the fast one (issue 15): NCHW tensors, BatchNorm run as its own op, every
-  new tensor filled with NaN first (what use_deterministic_algorithms does unless told otherwise);
-- model: channels_last network and input, each frozen BatchNorm folded into its conv (model.py);
-- fast:  model, and no filling of new tensors (torch.utils.deterministic.fill_uninitialized_memory =
-  False: still deterministic, as no op here reads memory it did not write).
-No torch.compile: measured once on this kind of machine it was not worth it (README, Benchmarks).
-
+- old:      the path before the fast one (issue 15): NCHW tensors, BatchNorm run as its own op after
+            each conv, every new tensor filled with NaN first (what use_deterministic_algorithms does
+            unless told otherwise);
+- model:    channels_last network and input, each frozen BatchNorm folded into its conv, a block's 1x1
+            convs that read its input run as one, average-pool branches project before they pool
+            (model.py);
+- fast:     model, and no filling of new tensors (torch.utils.deterministic.fill_uninitialized_memory =
+            False: still deterministic, as no op here reads memory it did not write). A training run's
+            path (model.channels_last: true, bookkeeping.make_deterministic);
+- compiled: fast, with the network under torch.compile (opt-in here only; the first step's time,
+            compilation included, is printed apart).
+All run the stem's max pools before their ReLU (the same bits, 1-2 % faster than the order before
+issue 15), so "old" is that much faster than the code it stands for and the ratios are conservative.
 Steps rotate through all variants, round after round, so that machine noise hits each alike; the
 median and the fastest step of each are reported with their ratios, and on CPU the median process
 CPU time (the steadier figure on a busy machine). Memory is the training state each variant keeps
@@ -38,16 +44,19 @@ import model as models  # noqa: E402
 import projection  # noqa: E402
 import train  # noqa: E402
 
-# path -> (channels_last, fold_bn, fill_uninitialized_memory)
-PATHS = {"old": (False, False, True), "model": (True, True, True), "fast": (True, True, False)}
+PATHS = {"old": {"channels_last": False, "fold_bn": False, "fill": True, "compile": False},
+         "model": {"channels_last": True, "fold_bn": True, "fill": True, "compile": False},
+         "fast": {"channels_last": True, "fold_bn": True, "fill": False, "compile": False},
+         "compiled": {"channels_last": True, "fold_bn": True, "fill": False, "compile": True}}
 
 
 def build_variant(method: str, path: str, cfg: dict, args) -> dict:
     """Network, objective, optimiser and batch of one (method, path) pair, from the config's settings."""
-    channels_last, fold_bn, fill = PATHS[path]
+    choice = PATHS[path]
     device, mc = torch.device(args.device), cfg["model"]
     network = models.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"], seed=0,
-                                 backbone_kwargs={"fold_bn": fold_bn}, channels_last=channels_last).to(device)
+                                 backbone_kwargs={"fold_bn": choice["fold_bn"]},
+                                 channels_last=choice["channels_last"]).to(device)
     cfg = {**cfg, "method": "ccp" if method == "ccp" else "baseline"}
     objective = build.build_objective(cfg, args.classes, mc["embedding_dim"], seed=0) if method == "ccp" else None
     if objective is not None:
@@ -73,9 +82,10 @@ def build_variant(method: str, path: str, cfg: dict, args) -> dict:
               * 50).to(device)
     labels = torch.arange(dc["classes_per_batch"]).repeat_interleave(dc["samples_per_class"]).to(device)
     network.train()
-    return {"network": network, "objective": objective, "loss": compute_loss, "anchor": anchor, "pull": pull,
-            "optimizer": build.build_optimizer(cfg, network, objective), "inputs": inputs, "labels": labels,
-            "fill": fill, "wall": [], "cpu": []}
+    optimizer = build.build_optimizer(cfg, network, objective)  # before compiling: the same parameters
+    return {"network": torch.compile(network) if choice["compile"] else network, "objective": objective,
+            "loss": compute_loss, "anchor": anchor, "pull": pull, "optimizer": optimizer, "inputs": inputs,
+            "labels": labels, "fill": choice["fill"], "wall": [], "cpu": []}
 
 
 def step(v: dict, device: str) -> None:
@@ -129,23 +139,30 @@ def main() -> None:
     cfg = train.load_config(args.config)
 
     variants = {(m, p): build_variant(m, p, cfg, args) for m in methods for p in paths}
-    for v in variants.values():  # warm-up: allocator, first-call overheads, Adam's state
+    first_step = {}
+    for key, v in variants.items():  # warm-up: allocator, first-call overheads, Adam's state, compilation
         step(v, args.device)
-        v["wall"].clear(), v["cpu"].clear()
+        first_step[key] = v["wall"].pop()
+        v["cpu"].clear()
     for _ in range(args.steps):
         for v in variants.values():
             step(v, args.device)
     torch.utils.deterministic.fill_uninitialized_memory = True
 
     batch = len(next(iter(variants.values()))["labels"])
-    where = args.device if args.device != "cpu" else f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    where = args.device if args.device != "cpu" else f"cpu ({cpu_name()}, {threads} thread{'s' * (threads != 1)})"
     print(f"torch {torch.__version__}, {where}; {cfg['model']['backbone']}, batch {batch}, {args.image_size}x"
-          f"{args.image_size}; {args.steps} rounds of {len(variants)} interleaved steps; no torch.compile")
+          f"{args.image_size}; {args.steps} rounds of {len(variants)} interleaved steps")
     for p in paths:
-        channels_last, fold_bn, fill = PATHS[p]
-        print(f"  path {p}: {'channels_last' if channels_last else 'NCHW'}, BatchNorm "
-              f"{'folded into its conv' if fold_bn else 'as its own op'}, new tensors "
-              f"{'filled with NaN' if fill else 'not filled'}")
+        choice = PATHS[p]
+        print(f"  path {p}: {'channels_last' if choice['channels_last'] else 'NCHW'}, BatchNorm "
+              f"{'folded into its conv, 1x1 heads as one conv' if choice['fold_bn'] else 'as its own op'}, "
+              f"new tensors {'filled with NaN' if choice['fill'] else 'not filled'}, "
+              f"{'torch.compile' if choice['compile'] else 'eager'}")
+        if choice["compile"]:
+            print("    first step, compilation included: " + ", ".join(
+                f"{m} {first_step[(m, p)]:.1f} s" for m in methods))
     header = f"{'method':<7}{'path':<7}{'median s':>10}{'min s':>9}{'cpu s':>9}{'state MiB':>11}"
     print(header + "".join(f"{k + ' /' + paths[0]:>15}" for k in ("median", "min", "cpu")))
     for (m, p), v in variants.items():

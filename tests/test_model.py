@@ -570,3 +570,37 @@ def test_state_dict_does_not_depend_on_the_layout(source_cl, target_cl):
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     layout = torch.channels_last if target_cl else torch.contiguous_format
     assert all(p.is_contiguous(memory_format=layout) for p in target.parameters() if p.dim() == 4)
+
+
+@pytest.mark.parametrize("backbone, kwargs, shape", [("tiny_cnn", {"in_channels": 3}, (2, 3, 8, 8)),
+                                                     ("mlp", {}, (2, 1, 8, 8)), ("resnet50", {}, (2, 3, 32, 32))])
+def test_every_backbone_runs_channels_last(backbone, kwargs, shape):
+    nchw = model.build_model(backbone, 8, seed=3, backbone_kwargs=kwargs).eval()
+    fast = model.build_model(backbone, 8, seed=3, backbone_kwargs=kwargs, channels_last=True).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = nchw(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_no_op_reads_memory_it_did_not_write(channels_last):
+    # Deterministic mode fills each new tensor with NaN unless told not to; a training run tells it not to
+    # (bookkeeping.make_deterministic). If any kernel of a step read memory it had not written, the NaN run
+    # would differ from the unfilled one (NaN, or other bits); both give the same bits.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for fill in (True, False):
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            net = _bninception_pair(channels_last, channels_last)
+            optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+            _train(net, optimizer, 2, torch.Generator().manual_seed(7))
+            runs.append(net.state_dict())
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[1]
+    filled, unfilled = runs
+    assert all(torch.isfinite(t).all() for t in filled.values() if t.is_floating_point())
+    assert all(torch.equal(filled[k], unfilled[k]) for k in filled)
