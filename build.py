@@ -163,7 +163,8 @@ def build_network(cfg: dict, seed: int) -> model.EmbeddingModel:
     mc = cfg["model"]
     try:
         network = model.build_model(mc["backbone"], mc["embedding_dim"], mc["pretrained"], mc["pooling"],
-                                    mc["freeze_bn"], seed=seed, backbone_kwargs=mc["backbone_kwargs"])
+                                    mc["freeze_bn"], seed=seed, backbone_kwargs=mc["backbone_kwargs"],
+                                    channels_last=mc["channels_last"])
     except RuntimeError as err:  # e.g. a negative width: torch refuses the layer's size
         raise ConfigError(f"config key model.backbone_kwargs: {mc['backbone']} cannot be built with "
                           f"{mc['backbone_kwargs']}: {err}") from None

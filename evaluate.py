@@ -424,7 +424,7 @@ def embed(model: torch.nn.Module, loader: Iterable,
                                      f"got {type(batch).__name__}")
                 inputs, batch_labels = batch
                 batch_labels = torch.as_tensor(batch_labels).reshape(-1)
-                out = model(inputs.to(device))
+                out = model(inputs.to(device, non_blocking=True))  # asynchronous from pinned memory
                 if out.ndim != 2 or len(out) != len(batch_labels):
                     raise ValueError(f"embed: batch {i}: the model must return ({len(batch_labels)}, d) "
                                      f"embeddings, got shape {tuple(out.shape)}")

@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "pooling": "avg",  # avg | max
         "freeze_bn": True,  # BatchNorm gamma, beta and running statistics frozen (MLRC)
         "backbone_kwargs": {},  # keyword arguments of the backbone, e.g. {in_channels: 3} for tiny_cnn
+        "channels_last": True,  # weights and images in channels_last (NHWC) memory: the same model, a faster step
     },
     "loss": {
         "name": "ms",  # c1 | c2 | triplet | ms (losses.LOSSES)
@@ -208,10 +209,12 @@ def train_step(network: torch.nn.Module, compute_loss: Callable[[torch.Tensor, t
     (`pull`), then the optimiser's coupled decay -> clip the global norm -> clip each value -> Adam."""
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss(network(inputs), labels)
-    value = loss.item()  # the step's one host synchronisation: the guard against a non-finite loss
+    loss.backward()
+    # the guard against a non-finite loss, read after backward is queued so that a GPU is not left idle
+    # while the host waits; nothing has changed a weight yet when it raises
+    value = loss.item()
     if not math.isfinite(value):
         raise NonFiniteError(f"loss is {value}")
-    loss.backward()
     if pull is not None:
         pull()  # grad += lambda_t (theta - theta_anchor): before decay and clipping, as the authors
     optimizer.step()
@@ -237,15 +240,16 @@ def last_good_state(r: build.Run) -> str:
 # ----------------------------------------------------------------------------------------------
 # Validation, proxy selection and the test of the best model.
 
-def eval_loader(dataset, cfg: dict, sampler=None) -> torch.utils.data.DataLoader:
+def eval_loader(dataset, cfg: dict, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:
     workers = cfg["data"]["num_workers"]
     return torch.utils.data.DataLoader(dataset, batch_size=cfg["data"]["eval_batch_size"], sampler=sampler,
-                                       num_workers=workers, generator=torch.Generator().manual_seed(0))
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def embed_normalized(network, dataset, cfg: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """n(f(x)) for a whole split: retrieval runs in the space the loss shapes (PAPER.md §3)."""
-    embeddings, labels = evaluate.embed(network, eval_loader(dataset, cfg), device)
+    embeddings, labels = evaluate.embed(network, eval_loader(dataset, cfg, device), device)
     return build.normalizer(cfg)(embeddings), labels
 
 
@@ -279,7 +283,7 @@ def reselect_proxies(r: build.Run, initial: torch.Tensor | None, instance: int, 
         # one augmentation seed per candidate, from a stream that is stable across numpy versions
         seeds = np.random.SeedSequence([r.seed, instance]).generate_state(len(indices), np.uint64) >> np.uint64(1)
         keys = [(i, int(s)) for i, s in zip(indices, seeds)]
-        return evaluate.embed(r.network, eval_loader(fit, cfg, sampler=keys), r.device)[0]
+        return evaluate.embed(r.network, eval_loader(fit, cfg, r.device, sampler=keys), r.device)[0]
 
     drawn = r.candidates.draw(pool_size)
     pool = selection.candidate_pool(embed_fn, drawn, batch_size=len(drawn) * pool_size)
@@ -305,7 +309,8 @@ def save_selection(r: build.Run, converged: torch.Tensor, selected: torch.Tensor
     """selections/NAME.npz: P*, k-center's choice and the raw fit embeddings, for report.py's Fig. 1."""
     folder = r.dir / "selections"
     folder.mkdir(exist_ok=True)
-    fit_embeddings, fit_labels = evaluate.embed(r.network, eval_loader(r.splits["fit_eval"], r.cfg), r.device)
+    loader = eval_loader(r.splits["fit_eval"], r.cfg, r.device)
+    fit_embeddings, fit_labels = evaluate.embed(r.network, loader, r.device)
     arrays = {"step": np.int64(r.step), "instance": np.int64(instance), "normalization": r.cfg["normalization"],
               "converged_proxies": converged.numpy(), "selected_proxies": selected.numpy(),
               "proxy_labels": r.objective.proxies.labels.cpu().numpy(),
@@ -434,8 +439,10 @@ def evaluate_saved(cfg: dict, path: Path, run_dir: Path) -> dict:
     # the network and n(x) as the checkpoint was trained; the test data and metrics from cfg
     trained = state["config"]
     mc = trained["model"]
+    # the layout it was trained in, so that the run's own test metrics are reproduced to the last bit
+    channels_last = mc.get("channels_last", cfg["model"]["channels_last"])  # absent before it was a key
     network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                 backbone_kwargs=mc["backbone_kwargs"])
+                                 backbone_kwargs=mc["backbone_kwargs"], channels_last=channels_last)
     network.load_state_dict(state["model"])
     device = build.resolve_device(cfg["device"])
     cfg = {**cfg, "normalization": trained["normalization"]}

@@ -60,7 +60,7 @@ def sampler_milliseconds(order: str, batches: int = 200) -> float:
 def bninception_step_seconds(steps: int) -> float | None:
     try:
         import model
-        network = model.build_model("bninception", embedding_dim=128)
+        network = model.build_model("bninception", embedding_dim=128, channels_last=True)  # as in training
     except (ImportError, AttributeError, ValueError) as err:
         print(f"BN-Inception step: skipped ({err})")
         return None

@@ -416,6 +416,7 @@ def measure_steps(variants: dict[str, dict], scale: Scale) -> dict:
     r = variants["ccp"]["run"]
     proxies = r.objective.proxies.weight
     figures["ccp_over_plain"] = figures["ccp"]["median_ms"] / figures["plain"]["median_ms"]
+    figures["channels_last_over_nchw"] = figures["ccp"]["median_ms"] / figures["ccp_nchw"]["median_ms"]
     figures["proxies"] = list(proxies.shape)
     figures["anchor_bytes"] = sum(a.numel() * a.element_size() for a in r.instances.anchor.anchors)
     figures["proxy_bytes"] = proxies.numel() * proxies.element_size()
@@ -496,8 +497,11 @@ def measure_speed(scale: Scale, listing: Path, weights: Path, device: str, workd
     overrides, log = speed_overrides(scale, listing, weights, device), workdir / "speed.log"
     with warnings.catch_warnings():  # the config's 4 workers on fewer cores is what is measured: no warning
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        variants = {name: step_variant(METHOD_CONFIGS[method], overrides, workdir / f"speed_{name}", log,
-                                       scale.warmup_steps) for name, method in (("plain", "baseline"), ("ccp", "ccp"))}
+        # the default layout (model.channels_last: true) against NCHW, to check it is the faster one here too
+        variants = {name: step_variant(METHOD_CONFIGS[method], overrides + extra, workdir / f"speed_{name}", log,
+                                       scale.warmup_steps)
+                    for name, method, extra in (("plain", "baseline", []), ("ccp", "ccp", []),
+                                                ("ccp_nchw", "ccp", ["model.channels_last=false"]))}
         steps = measure_steps(variants, scale)
         figures = {"step": steps, "reselection": measure_reselection(variants["ccp"]["cfg"], scale.reselection_classes),
                    "validation": measure_validation(variants["ccp"]),
@@ -598,10 +602,12 @@ def format_report(report: dict) -> str:
         s, sel, val, ld = speed["step"], speed["reselection"], speed["validation"], speed["loader"]
         lines.append(f"3. speed and memory: BN-Inception, batch {s['batch']}, {s['image_size']} x {s['image_size']}, "
                      f"{s['proxies'][0]} proxies of dimension {s['proxies'][1]}")
-        for name, label in (("plain", "plain MS"), ("ccp", "MS-CCP")):
+        for name, label in (("plain", "plain MS"), ("ccp", "MS-CCP"), ("ccp_nchw", "MS-CCP, NCHW")):
             f = s[name]
-            lines.append(f"   {label:<8} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
+            lines.append(f"   {label:<12} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
                          f"{mib(f['peak_bytes'])}, state kept between steps {mib(f['state_bytes'])}")
+        lines.append(f"   layout: channels_last (the default) / NCHW (model.channels_last=false): "
+                     f"{s['channels_last_over_nchw']:.3f}")
         extra = s["ccp"]["state_bytes"] - s["plain"]["state_bytes"]
         lines.append(f"   MS-CCP / plain: {s['ccp_over_plain']:.3f}; extra state {mib(extra)} = theta_anchor "
                      f"{mib(s['anchor_bytes'])} + 4 x proxies {mib(s['proxy_bytes'])} (values, gradient, Adam's two "

@@ -39,6 +39,7 @@ def test_quick_check_finds_no_problem_on_cpu(quick_report):
         assert heading in done.stdout
     assert report["problems"] == [] and report["mode"] == "quick" and report["device"].startswith("cpu")
     assert report["settings"]["deterministic_algorithms"] is True
+    assert report["settings"]["fill_uninitialized_memory"] is False  # the fast path's setting, still identical
     assert [e["method"] for e in report["determinism"]] == ["ccp", "baseline", "proxy_anchor", "proxynca++",
                                                            "softtriple", "xbm"]
     for entry in report["determinism"] + report["resume"]:
@@ -55,9 +56,11 @@ def test_quick_check_reports_speed_memory_and_projection(quick_report):
     # (theta_anchor) and the proxies four times (values, gradient, Adam's m and v) plus their int64 labels
     trainable = sum(p.numel() * 4 for p in model.build_model("bninception", 128).parameters() if p.requires_grad)
     assert step["ccp"]["state_bytes"] - step["plain"]["state_bytes"] == trainable + 4 * rows * dim * 4 + rows * 8
+    assert step["ccp_nchw"]["state_bytes"] == step["ccp"]["state_bytes"]  # a layout, not a model
     assert step["batch"] == 32 and dim == 128
-    for variant in ("plain", "ccp"):
+    for variant in ("plain", "ccp", "ccp_nchw"):
         assert 0 < step[variant]["min_ms"] <= step[variant]["median_ms"]
+    assert step["channels_last_over_nchw"] == step["ccp"]["median_ms"] / step["ccp_nchw"]["median_ms"]
     assert report["speed"]["reselection"]["classes"] == 2000 and report["speed"]["reselection"]["pool_size"] == 7
     assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 4
     for config in ("configs/sop_ms.yaml", "configs/cub_ms.yaml"):

@@ -68,6 +68,15 @@ def test_every_shipped_config_is_valid(path):
     assert cfg["dataset"]["name"] in path.name or path.name.startswith("base")
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_model_channels_last_sets_the_layout_of_the_network(channels_last):
+    cfg = train.load_config(DIGITS, [f"model.channels_last={str(channels_last).lower()}"])
+    network = build.build_network(cfg, seed=0)
+    conv = max((m for m in network.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.in_channels)
+    assert conv.in_channels > 1 and conv.weight.is_contiguous() != channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(train.ConfigError, match=r"train\.max_stpes.*did you mean train\.max_steps"):
         train.load_config(DIGITS, ["train.max_stpes=10"])
