@@ -22,8 +22,8 @@ import model
 import optimizer
 import projection
 import selection
-from bookkeeping import (Progress, keep_log_until, load_checkpoint, make_deterministic, record_segment,
-                         restore_checkpoint, save_checkpoint)
+from bookkeeping import (Progress, keep_freed_memory, keep_log_until, load_checkpoint, make_deterministic,
+                         record_segment, restore_checkpoint, save_checkpoint)
 from config import ConfigError
 
 
@@ -85,6 +85,7 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str) ->
     state = find_checkpoint(cfg, fold, seed, run_dir)  # checked before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     make_deterministic(seed)
+    keep_freed_memory()
     device = resolve_device(cfg["device"])
     tc, dc, mc = cfg["train"], cfg["data"], cfg["model"]
     splits = build_splits(cfg, fold)

@@ -1,7 +1,9 @@
 """Time per training step: the fast path next to the old one, and CCP next to the plain pair loss.
 
     python benchmarks/bench_step.py [--steps 10] [--device cpu] [--threads 2] [--paths old,fast]
-                                    [--image-size 227] [--classes 11318] [--config configs/sop_ms.yaml]
+                                    [--methods ccp] [--image-size 227] [--classes 11318]
+                                    [--config configs/sop_ms.yaml]
+    python benchmarks/bench_step.py --paths fast --methods plain,ccp      # CCP's cost over the plain loss
 
 Every variant runs train.train_step with the settings of `--config` (BN-Inception, batch 32 = 8
 classes x 4, frozen BatchNorm, the authors' update: coupled decay, both clippings, Keras' Adam) on
@@ -9,27 +11,36 @@ random weights and images, so no data loading is timed, under torch.use_determin
 in a training run. "plain" is the multi-similarity pair loss alone; "ccp" adds the proxy term over
 `--classes` x K proxies, the pull lambda (theta - theta_anchor) and the proxies' weight decay.
 
-Paths (the layout and kernel choices, printed with the figures):
-- old:      the path before the fast one (issue 15): NCHW tensors, BatchNorm run as its own op after
-            each conv, every new tensor filled with NaN first (what use_deterministic_algorithms does
-            unless told otherwise);
-- model:    channels_last network and input, each frozen BatchNorm folded into its conv, a block's 1x1
-            convs that read its input run as one, average-pool branches project before they pool
-            (model.py);
-- fast:     model, and no filling of new tensors (torch.utils.deterministic.fill_uninitialized_memory =
-            False: still deterministic, as no op here reads memory it did not write). A training run's
-            path (model.channels_last: true, bookkeeping.make_deterministic);
+Paths (the layout, kernel and process choices, printed with the figures):
+- old:      the step before issue 15: NCHW tensors, BatchNorm run as its own op after each conv, every
+            new tensor filled with NaN first (what use_deterministic_algorithms does unless told
+            otherwise), glibc's default malloc;
+- model:    old with the network changed: channels_last network and input, each frozen BatchNorm folded
+            into its conv, a block's 1x1 convs that read its input run as one, average-pool branches
+            project before they pool (model.py);
+- fast:     model with the process settings of a training run: no filling of new tensors
+            (bookkeeping.make_deterministic; still deterministic, as no op here reads memory it did not
+            write) and freed memory kept for the next step (bookkeeping.keep_freed_memory). What
+            train.py runs (model.channels_last: true);
 - compiled: fast, with the network under torch.compile (opt-in here only; the first step's time,
             compilation included, is printed apart).
 All run the stem's max pools before their ReLU (the same bits, 1-2 % faster than the order before
 issue 15), so "old" is that much faster than the code it stands for and the ratios are conservative.
-Steps rotate through all variants, round after round, so that machine noise hits each alike; the
-median and the fastest step of each are reported with their ratios, and on CPU the median process
-CPU time (the steadier figure on a busy machine). Memory is the training state each variant keeps
-between steps (weights, buffers, gradients, Adam's moments, theta_anchor, proxies), counted tensor by
-tensor: exact and the same on any device.
+
+Each variant lives in its own process (the allocator and fill settings are process-wide), built one
+after the other; the steps then rotate through all variants, round after round, so that machine
+noise hits each alike. The median and the fastest step of each are reported with their ratios, and
+on CPU the median process CPU time (the steadier figure on a busy machine). Memory is the training
+state each variant keeps between steps (weights, buffers, gradients, Adam's moments, theta_anchor,
+proxies), counted tensor by tensor: exact and the same on any device.
+
+Compare two or three variants at a time (the default is two). Every process holds its memory, and
+the paths on glibc's default malloc fault their pages in anew at every step; on a virtual machine
+those faults get dearer the more memory the other processes hold (on the 2-core sandbox of README,
+"old" took 2.9 s a step beside one other variant and 3.3-3.7 s beside three).
 """
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -38,16 +49,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bookkeeping  # noqa: E402
 import build  # noqa: E402
 import losses  # noqa: E402
 import model as models  # noqa: E402
 import projection  # noqa: E402
 import train  # noqa: E402
 
-PATHS = {"old": {"channels_last": False, "fold_bn": False, "fill": True, "compile": False},
-         "model": {"channels_last": True, "fold_bn": True, "fill": True, "compile": False},
-         "fast": {"channels_last": True, "fold_bn": True, "fill": False, "compile": False},
-         "compiled": {"channels_last": True, "fold_bn": True, "fill": False, "compile": True}}
+PATHS = {"old": {"channels_last": False, "fold_bn": False, "fill": True, "keep_memory": False, "compile": False},
+         "model": {"channels_last": True, "fold_bn": True, "fill": True, "keep_memory": False, "compile": False},
+         "fast": {"channels_last": True, "fold_bn": True, "fill": False, "keep_memory": True, "compile": False},
+         "compiled": {"channels_last": True, "fold_bn": True, "fill": False, "keep_memory": True, "compile": True}}
 
 
 def build_variant(method: str, path: str, cfg: dict, args) -> dict:
@@ -85,17 +97,36 @@ def build_variant(method: str, path: str, cfg: dict, args) -> dict:
     optimizer = build.build_optimizer(cfg, network, objective)  # before compiling: the same parameters
     return {"network": torch.compile(network) if choice["compile"] else network, "objective": objective,
             "loss": compute_loss, "anchor": anchor, "pull": pull, "optimizer": optimizer, "inputs": inputs,
-            "labels": labels, "fill": choice["fill"], "wall": [], "cpu": []}
+            "labels": labels}
 
 
-def step(v: dict, device: str) -> None:
-    torch.utils.deterministic.fill_uninitialized_memory = v["fill"]
+def step(v: dict, device: str) -> tuple[float, float]:
+    """Wall and process CPU seconds of one train.train_step."""
     start, start_cpu = time.perf_counter(), time.process_time()
     train.train_step(v["network"], v["loss"], v["optimizer"], v["inputs"], v["labels"], v["pull"])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    v["wall"].append(time.perf_counter() - start)
-    v["cpu"].append(time.process_time() - start_cpu)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def serve(connection, method: str, path: str, args) -> None:
+    """One variant in its own process: set the path's process settings, build, warm up (allocator,
+    first-call overheads, Adam's state, compilation), then one step per request; at the end, sizes."""
+    choice = PATHS[path]
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)  # as a training run (bookkeeping.make_deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = choice["fill"]
+    if choice["keep_memory"]:
+        bookkeeping.keep_freed_memory()
+    v = build_variant(method, path, train.load_config(args.config), args)
+    connection.send(step(v, args.device)[0])
+    while connection.recv() == "step":
+        connection.send(step(v, args.device))
+    network, objective = v["network"], v["objective"]
+    weights = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad) / 2**20
+    proxies = 0.0 if objective is None else objective.proxies.weight.numel() * 4 / 2**20
+    connection.send({"state_mib": state_mib(v), "weights_mib": weights, "proxies_mib": proxies,
+                     "batch": len(v["labels"])})
 
 
 def state_mib(v: dict) -> float:
@@ -126,7 +157,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--paths", default="old,fast", help=f"comma-separated, of {tuple(PATHS)}")
-    parser.add_argument("--methods", default="plain,ccp", help="comma-separated, of ('plain', 'ccp')")
+    parser.add_argument("--methods", default="ccp", help="comma-separated, of ('plain', 'ccp')")
     parser.add_argument("--image-size", type=int, default=227)
     parser.add_argument("--classes", type=int, default=11318, help="proxy classes (SOP: 11,318)")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "sop_ms.yaml"))
@@ -134,41 +165,47 @@ def main() -> None:
     paths, methods = args.paths.split(","), args.methods.split(",")
     if not set(paths) <= set(PATHS) or not set(methods) <= {"plain", "ccp"}:
         parser.error(f"--paths takes some of {tuple(PATHS)}, --methods some of ('plain', 'ccp')")
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)  # as a training run (bookkeeping.make_deterministic)
     cfg = train.load_config(args.config)
 
-    variants = {(m, p): build_variant(m, p, cfg, args) for m in methods for p in paths}
-    first_step = {}
-    for key, v in variants.items():  # warm-up: allocator, first-call overheads, Adam's state, compilation
-        step(v, args.device)
-        first_step[key] = v["wall"].pop()
-        v["cpu"].clear()
+    context, variants = multiprocessing.get_context("spawn"), {}
+    for key in ((m, p) for m in methods for p in paths):
+        connection, child = context.Pipe()
+        process = context.Process(target=serve, args=(child, *key, args), daemon=True)
+        process.start()
+        variants[key] = {"connection": connection, "process": process, "first_step": connection.recv(),
+                         "wall": [], "cpu": []}  # built and warmed up before the next variant starts
     for _ in range(args.steps):
         for v in variants.values():
-            step(v, args.device)
-    torch.utils.deterministic.fill_uninitialized_memory = True
+            v["connection"].send("step")
+            wall, cpu = v["connection"].recv()
+            v["wall"].append(wall)
+            v["cpu"].append(cpu)
+    for v in variants.values():
+        v["connection"].send("stop")
+        v.update(v["connection"].recv())
+        v["process"].join()
 
-    batch = len(next(iter(variants.values()))["labels"])
-    threads = torch.get_num_threads()
-    where = args.device if args.device != "cpu" else f"cpu ({cpu_name()}, {threads} thread{'s' * (threads != 1)})"
+    batch = next(iter(variants.values()))["batch"]
+    where = args.device if args.device != "cpu" else \
+        f"cpu ({cpu_name()}, {args.threads} thread{'s' * (args.threads != 1)} per variant)"
     print(f"torch {torch.__version__}, {where}; {cfg['model']['backbone']}, batch {batch}, {args.image_size}x"
-          f"{args.image_size}; {args.steps} rounds of {len(variants)} interleaved steps")
+          f"{args.image_size}; {args.steps} rounds of {len(variants)} interleaved steps, one process per variant")
     for p in paths:
         choice = PATHS[p]
         print(f"  path {p}: {'channels_last' if choice['channels_last'] else 'NCHW'}, BatchNorm "
               f"{'folded into its conv, 1x1 heads as one conv' if choice['fold_bn'] else 'as its own op'}, "
-              f"new tensors {'filled with NaN' if choice['fill'] else 'not filled'}, "
+              f"new tensors {'filled with NaN' if choice['fill'] else 'not filled'}, freed memory "
+              f"{'kept' if choice['keep_memory'] else 'unmapped (glibc default)'}, "
               f"{'torch.compile' if choice['compile'] else 'eager'}")
         if choice["compile"]:
             print("    first step, compilation included: " + ", ".join(
-                f"{m} {first_step[(m, p)]:.1f} s" for m in methods))
+                f"{m} {variants[(m, p)]['first_step']:.1f} s" for m in methods))
     header = f"{'method':<7}{'path':<7}{'median s':>10}{'min s':>9}{'cpu s':>9}{'state MiB':>11}"
     print(header + "".join(f"{k + ' /' + paths[0]:>15}" for k in ("median", "min", "cpu")))
     for (m, p), v in variants.items():
         base = variants[(m, paths[0])]
         print(f"{m:<7}{p:<7}{statistics.median(v['wall']):>10.3f}{min(v['wall']):>9.3f}"
-              f"{statistics.median(v['cpu']):>9.3f}{state_mib(v):>11.1f}"
+              f"{statistics.median(v['cpu']):>9.3f}{v['state_mib']:>11.1f}"
               + "".join(f"{ratio(v[key], base[key], how):>15.3f}"
                         for key, how in (("wall", statistics.median), ("wall", min), ("cpu", statistics.median))))
     if set(methods) == {"plain", "ccp"}:
@@ -176,14 +213,11 @@ def main() -> None:
             plain, ccp = variants[("plain", p)], variants[("ccp", p)]
             print(f"CCP / plain, path {p}: {ratio(ccp['wall'], plain['wall'], statistics.median):.3f} (median), "
                   f"{ratio(ccp['wall'], plain['wall'], min):.3f} (min)")
-        network = variants[("ccp", paths[-1])]["network"]
-        weights = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad) / 2**20
-        proxies = variants[("ccp", paths[-1])]["objective"].proxies.weight
-        proxies_mib = proxies.numel() * proxies.element_size() / 2**20
-        extra = state_mib(variants[("ccp", paths[-1])]) - state_mib(variants[("plain", paths[-1])])
-        print(f"CCP's extra state: {extra:.1f} MiB = theta_anchor {weights:.1f} MiB (one copy of the trainable "
-              f"weights) + proxies {proxies_mib:.1f} MiB x 4 (values, gradient, Adam's two moments) = "
-              f"{weights + 4 * proxies_mib:.1f} MiB expected")
+        ccp, plain = variants[("ccp", paths[-1])], variants[("plain", paths[-1])]
+        print(f"CCP's extra state: {ccp['state_mib'] - plain['state_mib']:.1f} MiB = theta_anchor "
+              f"{ccp['weights_mib']:.1f} MiB (one copy of the trainable weights) + proxies {ccp['proxies_mib']:.1f} "
+              f"MiB x 4 (values, gradient, Adam's two moments) = {ccp['weights_mib'] + 4 * ccp['proxies_mib']:.1f} "
+              f"MiB expected")
 
 
 if __name__ == "__main__":

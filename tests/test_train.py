@@ -4,6 +4,9 @@ protocol, and a fake CUB-200-2011 layout trained for a few steps."""
 import functools
 import json
 import math
+import resource
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -75,6 +78,31 @@ def test_model_channels_last_sets_the_layout_of_the_network(channels_last):
     conv = max((m for m in network.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.in_channels)
     assert conv.in_channels > 1 and conv.weight.is_contiguous() != channels_last
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+KEPT_MEMORY_PROBE = """
+import resource, sys, torch
+import bookkeeping
+kept = bookkeeping.keep_freed_memory() if sys.argv[1] == "keep" else None
+for _ in range(5):  # like training steps: the heap settles within the first few, the last is measured
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's largest heap allocation by default
+    del block
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_spares_the_page_faults_of_the_next_step():
+    faults = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", KEPT_MEMORY_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+        if mode == "keep" and out[0] != "True":
+            pytest.skip("not glibc: keep_freed_memory sets nothing")
+        faults[mode] = int(out[1])
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert faults["default"] > pages / 2  # the block was unmapped on free and faulted in again
+    assert faults["keep"] < pages / 20  # the heap kept it
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
