@@ -37,7 +37,7 @@ proxies), counted tensor by tensor: exact and the same on any device.
 Compare two or three variants at a time (the default is two). Every process holds its memory, and
 the paths on glibc's default malloc fault their pages in anew at every step; on a virtual machine
 those faults get dearer the more memory the other processes hold (on the 2-core sandbox of README,
-"old" took 2.9 s a step beside one other variant and 3.3-3.7 s beside three).
+"old" took 2.9-3.2 s a step beside one other variant and 3.3-3.7 s beside three).
 """
 import argparse
 import multiprocessing
