@@ -103,8 +103,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block above 32 MiB (a BN-Inception step at batch 32 allocates over
     a gigabyte of them) with its own mmap and unmaps it on free, so every step faults those pages in
-    again and the kernel zeroes them: about 0.3 s of system time per step on a 2-core CPU, 5-10 % of
-    its wall time (benchmarks/bench_step.py). With mmap off and no trimming, the heap keeps its peak
+    again and the kernel zeroes them: 0.3-0.6 s of system time per step on a 2-core CPU, 4-13 % of
+    its wall time (README, Benchmarks). With mmap off and no trimming, the heap keeps its peak
     and later steps reuse it. Addresses change nothing computed (torch aligns every tensor to 64
     bytes either way). False, and nothing set, where the C library is not glibc.
     """
