@@ -111,9 +111,11 @@ def _check_same_space(x: Tensor, ref: Tensor, where: str, name: str) -> None:
 def _check_labels_in_range(labels: Tensor, num_classes: int, where: str) -> None:
     if not isinstance(labels, Tensor) or not _is_integer(labels):
         raise ValueError(f"{where}: expected integer labels, got {_describe(labels)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{where}: expected labels in [0, {num_classes}), got values from "
-                         f"{int(labels.min())} to {int(labels.max())}")
+    if not labels.numel():
+        return
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read on the host
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{where}: expected labels in [0, {num_classes}), got values from {low} to {high}")
 
 
 def _check_positive(where: str, **values: float) -> None:
@@ -196,11 +198,13 @@ def _positive_slots(pos: Tensor) -> tuple[Tensor, Tensor]:
     anchor, with a validity mask (n, P). P is small (K in proxy form): the positive terms work on
     (n, P) gathers instead of masks over all m references, and triplets need (n, P, m), not (n, m, m)."""
     counts = pos.sum(dim=1)
-    valid = torch.arange(int(counts.max()), device=pos.device) < counts[:, None]
-    index = torch.zeros(valid.shape, dtype=torch.long, device=pos.device)
-    # both list the positives row by row: row i's first counts[i] slots take its positives in order
-    index[valid] = pos.nonzero(as_tuple=True)[1]
-    return index, valid
+    rank = torch.arange(1, int(counts.max()) + 1, dtype=torch.int32, device=pos.device)  # 1st, 2nd, ... positive
+    valid = rank <= counts[:, None]
+    # a row's running count of positives never decreases, so its k-th positive is where the count first
+    # reaches k: found by binary search, with no further read on the host (unlike boolean indexing)
+    running = pos.cumsum(dim=1, dtype=torch.int32)
+    index = torch.searchsorted(running, rank.expand(len(pos), -1).contiguous())
+    return index.clamp_max(pos.shape[1] - 1), valid  # an empty slot points at the last reference, masked
 
 # --------------------------------------------------------------------------- the four losses (§4)
 

@@ -258,6 +258,7 @@ def test_positive_slots_list_each_rows_positives_in_order():
     index, valid = losses._positive_slots(pos)
     assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
     assert index[valid].tolist() == [1, 3, 4, 0]
+    assert 0 <= index.min() and index.max() < pos.shape[1]  # empty slots too: every slot can be gathered
 
 
 def test_lipschitz_normalize_backward_matches_autograd_of_the_formula():
