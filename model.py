@@ -20,7 +20,7 @@ Speed without changing what is computed (measured in benchmarks/bench_step.py):
 - BN-Inception folds each BatchNorm that is in eval mode (frozen, or evaluating) into its conv
   (`fold_batchnorm`; backbone_kwargs {fold_bn: false} runs BatchNorm as its own op), which saves its
   passes over the activations forward and backward; a block's 1×1 convs that read its input then run
-  as one, and its average-pool branch projects before pooling (`folded_block`). Sums are formed in
+  as one, and its average-pool branch projects before pooling (`folded_heads`). Sums are formed in
   another order, so results move by float32 rounding, no more.
 - `channels_last=True` keeps the conv weights and the input in channels_last (NHWC) memory, the layout
   oneDNN's fastest CPU convolutions work in (NCHW costs a reorder before and after every conv).
@@ -161,7 +161,8 @@ class BNInception(nn.Module):
             outputs = self.folded_heads(b, heads, x)
         else:
             outputs = [self.unit(name, x) for name in heads if not name.endswith("_pool_proj")]
-        reduced, pool_branch = outputs[:3 if b.n1x1 else 2], outputs[3 if b.n1x1 else 2:]
+        reduces = 3 if b.n1x1 else 2  # the outputs that feed the 1x1 branch and the two 3x3 branches
+        reduced, pool_branch = outputs[:reduces], outputs[reduces:]
         branches = reduced[:-2] + [self.unit(f"{b.name}_3x3", reduced[-2])]
         branches.append(self.unit(f"{b.name}_double_3x3_2", self.unit(f"{b.name}_double_3x3_1", reduced[-1])))
         if not pool_branch:
