@@ -23,12 +23,25 @@ def distance_matrix(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(((q[:, None, :] - g[None, :, :]) ** 2).sum(axis=2))
 
 
-def reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), metric="l2") -> dict:
-    """MLRC's definitions, one query at a time; ties broken by reference index."""
+def references(q, ql, g, gl, metric):
+    """The reference set (the queries themselves when no gallery is given) and the query-reference distances."""
     self_mode = g is None
     if self_mode:
         g, gl = q, ql
-    dist = distance_matrix(q, g, metric)
+    return self_mode, g, gl, distance_matrix(q, g, metric)
+
+
+def summary(p1, recall, pr, map_r, unmatched) -> dict:
+    """Per-query values averaged into the metric dict, in evaluate.retrieval_metrics' key order."""
+    out = {"P@1": float(np.mean(p1))}
+    out.update({f"R@{k}": float(np.mean(values)) for k, values in recall.items()})
+    out.update({"P@R": float(np.mean(pr)), "MAP@R": float(np.mean(map_r)), "queries_without_match": unmatched})
+    return out
+
+
+def reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), metric="l2") -> dict:
+    """MLRC's definitions, one query at a time; ties broken by reference index."""
+    self_mode, g, gl, dist = references(q, ql, g, gl, metric)
     p1, pr, map_r, unmatched = [], [], [], 0
     recall = {k: [] for k in recall_ks}
     for i in range(len(q)):
@@ -49,10 +62,7 @@ def reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), metric="l2
                 hits += 1
                 average_precision += hits / (rank + 1)
         map_r.append(average_precision / r)
-    out = {"P@1": float(np.mean(p1))}
-    out.update({f"R@{k}": float(np.mean(recall[k])) for k in recall_ks})
-    out.update({"P@R": float(np.mean(pr)), "MAP@R": float(np.mean(map_r)), "queries_without_match": unmatched})
-    return out
+    return summary(p1, recall, pr, map_r, unmatched)
 
 
 def assert_metrics_equal(got: dict, expected: dict) -> None:
@@ -212,10 +222,7 @@ def expected_reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), m
     time, from the probability that one position, or two positions, hold a correct reference: a position
     in a tie of n copies with h correct is correct with probability h/n, two positions of one tie with
     h(h-1)/(n(n-1)), positions of different ties independently. Distinct vectors must not tie."""
-    self_mode = g is None
-    if self_mode:
-        g, gl = q, ql
-    dist = distance_matrix(q, g, metric)
+    self_mode, g, gl, dist = references(q, ql, g, gl, metric)
     p1, pr, map_r, unmatched = [], [], [], 0
     recall = {k: [] for k in recall_ks}
     for i in range(len(q)):
@@ -256,10 +263,7 @@ def expected_reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), m
         pr.append(sum(correct(a) for a in range(r)) / r)
         # E[P(i) [i-th correct]] = (1/i) sum_{j <= i} P[i-th and j-th correct]
         map_r.append(sum((correct(a) + sum(both_correct(a, b) for b in range(a))) / (a + 1) for a in range(r)) / r)
-    out = {"P@1": float(np.mean(p1))}
-    out.update({f"R@{k}": float(np.mean(recall[k])) for k in recall_ks})
-    out.update({"P@R": float(np.mean(pr)), "MAP@R": float(np.mean(map_r)), "queries_without_match": unmatched})
-    return out
+    return summary(p1, recall, pr, map_r, unmatched)
 
 
 def label_orders(x, y):
