@@ -1,5 +1,6 @@
 """Builds one model's training run from a config: the fold's data, the network, the objective with its
-proxies, the optimiser, CCP's state, the sampler and loader; and restores it from a checkpoint.
+proxies, the optimiser, the sampler and loader, and the method's state (train.py's CCP or NoCCP); and
+restores it from a checkpoint.
 
 train.py runs Algorithm 1 (PAPER.md §2) on the `Run` this file returns; `Run.stateful` lists, once,
 every object a checkpoint carries so that a resumed run continues exactly. The protocol's settings
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 import config
@@ -21,7 +21,6 @@ import losses
 import model
 import optimizer
 import projection
-import selection
 from bookkeeping import (Progress, keep_freed_memory, keep_log_until, load_checkpoint, make_deterministic,
                          record_segment, restore_checkpoint, save_checkpoint)
 from config import ConfigError
@@ -41,13 +40,12 @@ class Run:
     objective: torch.nn.Module | None  # owns the proxies P (CCP, proxy baselines)
     memory: losses.CrossBatchMemory | None  # XBM
     optimizer: torch.optim.Optimizer  # coupled decay, clipping and Adam in the authors' order (optimizer.py)
-    instances: projection.ProblemInstances | None  # CCP's theta_anchor, t, lambda_t, theta*, P*
     stopper: projection.EarlyStopping
     sampler: data.MPerClassSampler
-    candidates: selection.CandidateStream  # the run-long stream of k-center candidates (PAPER.md §7)
     loader: torch.utils.data.DataLoader
     progress: Progress
     backbone_trainable: list[torch.Tensor]
+    ccp: Any = None  # CCP's state and decisions (train.CCP), or train.NoCCP for the baselines
     step: int = 0
     loss: float = float("nan")
     status: str = "no validation yet"
@@ -62,8 +60,7 @@ class Run:
     def stateful(self) -> dict[str, Any]:
         """What a checkpoint carries so that a resumed run continues exactly: listed once."""
         return {"model": self.network, "objective": self.objective, "memory": self.memory,
-                "optimizer": self.optimizer, "instances": self.instances, "stopper": self.stopper,
-                "sampler": self.sampler, "candidates": self.candidates}
+                "optimizer": self.optimizer, "ccp": self.ccp, "stopper": self.stopper, "sampler": self.sampler}
 
     def save(self, path: Path) -> None:
         save_checkpoint(path, self.stateful(), step=self.step, fold=self.fold, seed=self.seed, config=self.cfg,
@@ -80,8 +77,9 @@ class Run:
         print(f"{self.prefix}{message}", flush=True)
 
 
-def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str) -> Run:
-    """Build every piece of one model's training; resume it from a checkpoint if asked (resume:)."""
+def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, method: Callable[[Run], Any]) -> Run:
+    """Build every piece of one model's training, the method's state as method(run); resume it from a
+    checkpoint if asked (resume:)."""
     state = find_checkpoint(cfg, fold, seed, run_dir)  # checked before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     make_deterministic(seed)
@@ -100,22 +98,17 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str) ->
         memory = losses.CrossBatchMemory(losses.LOSSES[cfg["loss"]["name"]], mc["embedding_dim"], size,
                                          normalize=normalizer(cfg), start=cfg["baseline"]["xbm_start_step"],
                                          **cfg["loss"]["params"]).to(device)
-    instances = None
-    if cfg["method"] == "ccp":  # theta_anchor on the device; lambda_0 = 0 in the first instance (PAPER.md §2)
-        instances = projection.ProblemInstances(network, objective.proxies, **cfg["projection"])
     sampler = data.MPerClassSampler(fit.labels, dc["samples_per_class"], dc["classes_per_batch"], tc["eval_every"],
                                     seed, order=dc["sampler"])
-    labels = np.asarray(fit.labels)
-    class_to_indices = [np.flatnonzero(labels == c).tolist() for c in range(fit.num_classes)]
     loader = torch.utils.data.DataLoader(fit, batch_sampler=sampler, num_workers=dc["num_workers"],
                                          persistent_workers=dc["num_workers"] > 0, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(seed))
     r = Run(cfg, fold, seed, run_dir, prefix, device, splits, network, objective, memory,
-            build_optimizer(cfg, network, objective), instances,
-            projection.EarlyStopping(tc["patience"], cfg["projection"]["min_delta"]), sampler,
-            selection.CandidateStream(class_to_indices, seed), loader,
+            build_optimizer(cfg, network, objective),
+            projection.EarlyStopping(tc["patience"], cfg["projection"]["min_delta"]), sampler, loader,
             Progress(tc["max_steps"], tc["log_every_seconds"], dc["classes_per_batch"] * dc["samples_per_class"],
                      prefix), [p for p in network.backbone.parameters() if p.requires_grad])
+    r.ccp = method(r)
     describe_run(r)
     if state is not None:
         restore(r, state)

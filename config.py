@@ -1,6 +1,6 @@
 """Reading and validating a run's YAML config: `base:` files, `key=value` overrides, and checks.
 
-train.py owns the keys and their defaults (its DEFAULTS); this file owns the machinery that turns a
+DEFAULTS lists every key with the paper's value (PAPER.md §2, §7); the rest turns a
 file and overrides into a validated config, before any work starts: every key known (an unknown one
 gets a did-you-mean), every value of its type, among its CHOICES or within its RANGES, keyword-argument
 mappings checked against the signature of the function they are passed to, and the few rules that
@@ -22,6 +22,90 @@ import yaml
 import data
 import losses
 import model
+
+# Every key a run can use, with the defaults of the paper and the authors' code (PAPER.md §2, §7).
+# A config file names only what differs; `base:` points at a file to inherit.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "run_dir": "runs/default",
+    "resume": None,  # a checkpoint path, or "auto" for run_dir/last.pt if it exists
+    "eval_only": False,  # with resume: evaluate that checkpoint on the test split
+    "device": "auto",  # auto (CUDA when available) | cpu | cuda | cuda:N
+    "method": "ccp",  # ccp | baseline | proxy_anchor | proxynca++ | softtriple | xbm
+    "normalization": "lipschitz",  # n(x) of PAPER.md §3: lipschitz | l2 (ablation)
+    "folds": 4,  # class-disjoint blocks of the training classes (PAPER.md §7)
+    "fold": None,  # train only this fold (0-based); None trains all `folds` models
+    "repeats": 1,  # run everything with seeds seed .. seed + repeats - 1
+    "dataset": {
+        "name": "sop",  # cub | cars | sop | inshop | digits
+        "root": "data",  # the folder the archive was extracted into
+    },
+    "data": {
+        "transform": "bninception",  # bninception | resnet | digits (data.build_transform)
+        "crop_size": 227,
+        "resize": 256,
+        "classes_per_batch": 8,  # batch 32 = 8 classes x 4 images (PAPER.md §7)
+        "samples_per_class": 4,
+        "eval_batch_size": 128,
+        "num_workers": 4,
+        "sampler": "rounds",  # rounds: every class once per shuffled round, as the authors (PAPER.md §7) | independent
+    },
+    "model": {
+        "backbone": "bninception",  # bninception | resnet50 | tiny_cnn | mlp
+        "pretrained": "imagenet",  # a path, a known name (model.py), or null for random weights
+        "embedding_dim": 128,
+        "pooling": "avg",  # avg | max
+        "freeze_bn": True,  # BatchNorm gamma, beta and running statistics frozen (MLRC)
+        "backbone_kwargs": {},  # keyword arguments of the backbone, e.g. {in_channels: 3} for tiny_cnn
+        "channels_last": True,  # weights and images in channels_last (NHWC) memory: the same model, a faster step
+    },
+    "loss": {
+        "name": "ms",  # c1 | c2 | triplet | ms (losses.LOSSES)
+        "params": {},  # keyword arguments of that loss, e.g. {alpha: 2, beta: 40, base: 0.5}
+    },
+    "ccp": {
+        "pair_weight": 0.1,  # w_pair (PAPER.md §2)
+        "proxy_weight": 1.0,  # w_proxy
+        "proxies_per_class": 4,  # K
+        "pool_size": 7,  # b: candidate images per class for k-center (PAPER.md §5)
+        "proxy_init": "kcenter",  # the first proxies: kcenter (PAPER.md §5) | random (the authors' random_init ablation)
+        "reselect": True,  # k-center at every converged instance; false: the first proxies are kept (ablation)
+        "save_selections": False,  # write every selection (P*, new P, fit embeddings) to selections/*.npz
+    },
+    "projection": {
+        "lam": 2.0e-4,  # lambda; 0 switches the projection off (ablation)
+        "decay": 1.0,  # lambda_t = lam * decay^t for instance t >= 1
+        "instance_patience": 3,
+        "min_evaluations": 1,
+        "min_delta": 1.0e-5,
+    },
+    "baseline": {
+        "params": {},  # keyword arguments of the baseline loss module (losses.py)
+        "proxy_lr_multiplier": 100.0,  # proxy baselines (PAPER.md §4)
+        "warmup_steps": 0,  # steps that train only the embedding layer and the loss's parameters
+        "xbm_memory_batches": 25,  # XBM memory size, in batches
+        "xbm_start_step": 1000,  # the memory starts filling here; its loss is on once it is full
+    },
+    "train": {
+        "max_steps": 2_500_000,  # the authors' cap (10,000 x 250): early stopping ends runs (PAPER.md §7)
+        "eval_every": 250,  # validation interval E (25 for CUB and Cars)
+        "patience": 60,  # overall early stopping, in evaluations
+        "lr": 1.0e-5,
+        "betas": [0.9, 0.999],  # Keras defaults, which the authors' code runs
+        "eps": 1.0e-7,
+        "adam_epsilon": "keras",  # keras: eps added before bias correction, as the authors' Adam | torch
+        "weight_decay": 1.0e-4,  # coupled L2, added to the gradient before clipping
+        "clip_norm": 10.0,
+        "clip_value": 10.0,
+        "log_every_seconds": 20.0,
+    },
+    "evaluation": {
+        "recall_ks": [1, 10, 100, 1000],
+        "nmi": True,
+        "ensemble": "authors",  # authors: n(concat(n(f_1), ...)) with the run's n (PAPER.md §7) | mlrc: per-part L2
+        "save_embeddings": False,  # write the best model's normalised val/test embeddings to embeddings.npz
+    },
+}
 
 # Keys whose default is null, with the type they take otherwise.
 NULLABLE = {"resume": str, "fold": int, "model.pretrained": str}

@@ -5,15 +5,11 @@ usage: python train.py CONFIG.yaml [key=value ...]
        python train.py configs/sop_ms.yaml fold=0 run_dir=runs/sop_ms_fold0
        python train.py configs/sop_ms.yaml resume=auto          (continue an interrupted run)
        python train.py configs/sop_ms.yaml eval_only=true resume=runs/sop_ms/fold0/best.pt run_dir=runs/eval
+Every key, with the paper's value, is in config.py's DEFAULTS (docs/configuration.md explains each).
 
-Read it beside PAPER.md §2 (the paper's Algorithm 1): `train_one_model` is that algorithm, one step
-a line, in order. Around it this file owns the MLRC protocol of PAPER.md §7 (class-disjoint folds,
-the 128-D mean and the 512-D ensemble, repeats) and the test evaluation of PAPER.md §6. build.py
-assembles the pieces (data.py, model.py, losses.py, projection.py, selection.py, optimizer.py) from
-the config that config.py reads; bookkeeping.py writes checkpoints and logs. `eval_only: true`
-evaluates a saved checkpoint.
-
-Everything a run depends on is a config key; DEFAULTS below lists every key with the paper's value.
+Read `train_one_model` beside PAPER.md §2: it is Algorithm 1, one step a line; the class CCP below it
+owns the method's state and decisions, and the baselines run the same loop with NoCCP. The rest is the
+protocol of PAPER.md §7 (folds, the 512-D ensemble, repeats) and the test of PAPER.md §6.
 """
 from __future__ import annotations
 
@@ -32,95 +28,11 @@ import build
 import config
 import evaluate
 import model
+import projection
 import selection
 from bookkeeping import (RunLock, append_jsonl, check_run_dir, git_commit, holds_results, load_checkpoint, print_results,
                          save_json, save_npz, summarize, write_config_once)
-from config import ConfigError
-from projection import host_copy
-
-# Every key a run can use, with the defaults of the paper and the authors' code (PAPER.md §2, §7).
-# A config file names only what differs; `base:` points at a file to inherit.
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "run_dir": "runs/default",
-    "resume": None,  # a checkpoint path, or "auto" for run_dir/last.pt if it exists
-    "eval_only": False,  # with resume: evaluate that checkpoint on the test split
-    "device": "auto",  # auto (CUDA when available) | cpu | cuda | cuda:N
-    "method": "ccp",  # ccp | baseline | proxy_anchor | proxynca++ | softtriple | xbm
-    "normalization": "lipschitz",  # n(x) of PAPER.md §3: lipschitz | l2 (ablation)
-    "folds": 4,  # class-disjoint blocks of the training classes (PAPER.md §7)
-    "fold": None,  # train only this fold (0-based); None trains all `folds` models
-    "repeats": 1,  # run everything with seeds seed .. seed + repeats - 1
-    "dataset": {
-        "name": "sop",  # cub | cars | sop | inshop | digits
-        "root": "data",  # the folder the archive was extracted into
-    },
-    "data": {
-        "transform": "bninception",  # bninception | resnet | digits (data.build_transform)
-        "crop_size": 227,
-        "resize": 256,
-        "classes_per_batch": 8,  # batch 32 = 8 classes x 4 images (PAPER.md §7)
-        "samples_per_class": 4,
-        "eval_batch_size": 128,
-        "num_workers": 4,
-        "sampler": "rounds",  # rounds: every class once per shuffled round, as the authors (PAPER.md §7) | independent
-    },
-    "model": {
-        "backbone": "bninception",  # bninception | resnet50 | tiny_cnn | mlp
-        "pretrained": "imagenet",  # a path, a known name (model.py), or null for random weights
-        "embedding_dim": 128,
-        "pooling": "avg",  # avg | max
-        "freeze_bn": True,  # BatchNorm gamma, beta and running statistics frozen (MLRC)
-        "backbone_kwargs": {},  # keyword arguments of the backbone, e.g. {in_channels: 3} for tiny_cnn
-        "channels_last": True,  # weights and images in channels_last (NHWC) memory: the same model, a faster step
-    },
-    "loss": {
-        "name": "ms",  # c1 | c2 | triplet | ms (losses.LOSSES)
-        "params": {},  # keyword arguments of that loss, e.g. {alpha: 2, beta: 40, base: 0.5}
-    },
-    "ccp": {
-        "pair_weight": 0.1,  # w_pair (PAPER.md §2)
-        "proxy_weight": 1.0,  # w_proxy
-        "proxies_per_class": 4,  # K
-        "pool_size": 7,  # b: candidate images per class for k-center (PAPER.md §5)
-        "proxy_init": "kcenter",  # the first proxies: kcenter (PAPER.md §5) | random (the authors' random_init ablation)
-        "reselect": True,  # k-center at every converged instance; false: the first proxies are kept (ablation)
-        "save_selections": False,  # write every selection (P*, new P, fit embeddings) to selections/*.npz
-    },
-    "projection": {
-        "lam": 2.0e-4,  # lambda; 0 switches the projection off (ablation)
-        "decay": 1.0,  # lambda_t = lam * decay^t for instance t >= 1
-        "instance_patience": 3,
-        "min_evaluations": 1,
-        "min_delta": 1.0e-5,
-    },
-    "baseline": {
-        "params": {},  # keyword arguments of the baseline loss module (losses.py)
-        "proxy_lr_multiplier": 100.0,  # proxy baselines (PAPER.md §4)
-        "warmup_steps": 0,  # steps that train only the embedding layer and the loss's parameters
-        "xbm_memory_batches": 25,  # XBM memory size, in batches
-        "xbm_start_step": 1000,  # the memory starts filling here; its loss is on once it is full
-    },
-    "train": {
-        "max_steps": 2_500_000,  # the authors' cap (10,000 x 250): early stopping ends runs (PAPER.md §7)
-        "eval_every": 250,  # validation interval E (25 for CUB and Cars)
-        "patience": 60,  # overall early stopping, in evaluations
-        "lr": 1.0e-5,
-        "betas": [0.9, 0.999],  # Keras defaults, which the authors' code runs
-        "eps": 1.0e-7,
-        "adam_epsilon": "keras",  # keras: eps added before bias correction, as the authors' Adam | torch
-        "weight_decay": 1.0e-4,  # coupled L2, added to the gradient before clipping
-        "clip_norm": 10.0,
-        "clip_value": 10.0,
-        "log_every_seconds": 20.0,
-    },
-    "evaluation": {
-        "recall_ks": [1, 10, 100, 1000],
-        "nmi": True,
-        "ensemble": "authors",  # authors: n(concat(n(f_1), ...)) with the run's n (PAPER.md §7) | mlrc: per-part L2
-        "save_embeddings": False,  # write the best model's normalised val/test embeddings to embeddings.npz
-    },
-}
+from config import DEFAULTS, ConfigError
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -133,50 +45,38 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
 
 def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str = "") -> dict:
     """Train one model with CCP (or a baseline); return its test metrics and normalised test embeddings."""
-    r = build.training_run(cfg, fold, seed, run_dir, prefix)  # theta, P, optimiser, theta_anchor <- theta; or resumed
-    if not r.resumed and r.instances is not None and cfg["ccp"]["proxy_init"] == "kcenter":
-        initial_proxies(r)  # P <- k-center(pool(theta), initial = 0, K)
-    tc, E = cfg["train"], cfg["train"]["eval_every"]
-    stopped = r.stopper.stale >= r.stopper.patience  # a finished run resumed with resume=auto goes to testing
-    while r.step < tc["max_steps"] and not stopped:
+    method = CCP if cfg["method"] == "ccp" else NoCCP
+    r = build.training_run(cfg, fold, seed, run_dir, prefix, method)  # θ, P, θ_anchor ← θ, λ_0 = 0; or resumed
+    if not r.resumed:
+        r.ccp.start()  # P ← select(pool(θ), initial = 0, K)
+    E = cfg["train"]["eval_every"]
+    while r.step < cfg["train"]["max_steps"] and not r.stopper.stopped:
         r.sampler.set_epoch(r.step // E, r.step % E)  # an epoch is one validation interval
         for inputs, labels in r.loader:  # a batch: m images of each of P classes (8 x 4, PAPER.md §7)
-            # L = w_pair l(batch) + w_proxy l(proxies); grad += lambda_t (theta - theta_anchor); one update of (theta, P)
+            # L = w_pair ℓ(batch) + w_proxy ℓ(proxies); grad += λ_t (θ − θ_anchor); one update of (θ, P)
             r.loss = update(r, inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True))
             r.step += 1
             r.progress.update(r.step, r.loss, r.status)
-            if r.step >= tc["max_steps"]:
+            if r.step >= cfg["train"]["max_steps"]:
                 break
         if r.step % E:  # stopped between two validations: save, so that resuming stays exact
             check_finite_state(r)  # last.pt only ever holds a finite state
             r.save(r.last_path)
             break
-        # Every E steps: validation MAP@R on the held-out classes (PAPER.md §6).
-        score, record = validate(r)
-        if r.stopper.update(score) == "improved":  # the overall best (theta, P): what is tested at the end
-            r.best = {"step": r.step, "val_MAP@R": score, "model": host_copy(r.network),
-                      "objective": None if r.objective is None else host_copy(r.objective)}
+        score, record = validate(r)  # every E steps: validation MAP@R on the held-out classes (PAPER.md §6)
+        if r.stopper.update(score):  # improved: the overall best (θ, P) is what is tested at the end
+            r.best = {"step": r.step, "val_MAP@R": score, "model": projection.host_copy(r.network),
+                      "objective": None if r.objective is None else projection.host_copy(r.objective)}
             r.save(r.best_path)
-        if r.instances is not None:
-            # theta*, P* kept at the instance's best; after instance_patience evaluations without a new best
-            # the instance has converged: theta_anchor <- theta*, t <- t + 1, lambda_t = lam * decay^t
-            outcome = r.instances.after_validation(score)
-            if outcome.converged:
-                message = f"instance {outcome.instance - 1} converged; lambda -> {outcome.lam:g}"
-                if cfg["ccp"]["reselect"]:  # P <- k-center(pool(theta), initial = P*)
-                    record["selection"] = reselect_proxies(r, outcome.converged_proxies, outcome.instance)
-                    message += (f", proxies re-selected: covering radius {record['selection']['covering_radius_before']:.4f}"
-                                f" -> {record['selection']['covering_radius_after']:.4f}")
-                r.say(f"step {r.step}: {message}")
+        # θ*, P* at the instance's best; converged: θ_anchor ← θ*, t ← t + 1, P ← select(pool(θ), P*, K)
+        record.update(r.ccp.after_validation(score))
         append_jsonl(record, r.log_path)
-        stopped = r.stopper.stale >= r.stopper.patience
         r.save(r.last_path)
-        r.status = f"val MAP@R {score:.4f} (best {r.stopper.best:.4f})" + (
-            f" | instance {r.instances.instance}, lambda {r.instances.lam:g}" if r.instances else "")
-        if stopped:  # no improvement of the overall best for `patience` evaluations: stop
-            r.say(f"step {r.step}: no improvement for {tc['patience']} evaluations; stopping")
+        r.status = f"val MAP@R {score:.4f} (best {r.stopper.best:.4f}){r.ccp.status()}"
+        if r.stopper.stopped:  # no improvement of the overall best for `patience` evaluations: stop
+            r.say(f"step {r.step}: no improvement for {r.stopper.patience} evaluations; stopping")
     r.progress.update(r.step, r.loss, r.status, force=True)
-    # Restore the overall best theta (and P), chosen on the validation classes; evaluate on the test classes.
+    # Restore the overall best θ (and P), chosen on the validation classes; evaluate on the test classes.
     return test_best(r)
 
 
@@ -185,40 +85,137 @@ def update(r: build.Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     for p in r.backbone_trainable:
         p.requires_grad_(r.step >= r.cfg["baseline"]["warmup_steps"])
     try:
-        return train_step(r.network, r.compute_loss, r.optimizer, inputs, labels,
-                          r.instances.pull if r.instances else None)
+        return train_step(r.network, r.compute_loss, r.optimizer, inputs, labels, r.ccp.pull)
     except NonFiniteError as err:
         raise NonFiniteError(f"{err} at step {r.step + 1}; training stopped, {last_good_state(r)}") from None
-
-
-def initial_proxies(r: build.Run) -> None:
-    report = reselect_proxies(r, None, 0)
-    append_jsonl({"step": 0, "instance": 0, "lam": 0.0, "selection": report}, r.log_path)
-    r.say(f"step 0: {r.cfg['ccp']['proxies_per_class']} proxies per class chosen by k-center "
-          f"from pools of {report['pool_size']} images")
-
-
-class NonFiniteError(RuntimeError):
-    """The loss, a weight or a buffer became NaN or infinite; the message names it and the step."""
 
 
 def train_step(network: torch.nn.Module, compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
                pull: Callable[[], None] | None = None) -> float:
-    """One update in the authors' order (PAPER.md §2): gradient of the loss, + lambda_t (theta - theta_anchor)
-    (`pull`), then the optimiser's coupled decay -> clip the global norm -> clip each value -> Adam."""
+    """The authors' update order (PAPER.md §2): ∇L, + λ_t (θ − θ_anchor) (`pull`), then in optimizer.step()
+    the coupled decay, clipping of the global norm, clipping of each value, and Adam."""
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss(network(inputs), labels)
     loss.backward()
-    # the guard against a non-finite loss, read after backward is queued so that a GPU is not left idle
-    # while the host waits; nothing has changed a weight yet when it raises
-    value = loss.item()
-    if not math.isfinite(value):
+    value = loss.item()  # read after backward is queued, so that a GPU is not left idle meanwhile
+    if not math.isfinite(value):  # nothing has changed a weight yet
         raise NonFiniteError(f"loss is {value}")
     if pull is not None:
-        pull()  # grad += lambda_t (theta - theta_anchor): before decay and clipping, as the authors
+        pull()
     optimizer.step()
     return value
+
+
+class CCP:
+    """CCP's state and decisions (PAPER.md §2, §5): θ_anchor and the pull, the problem instance t and λ_t,
+    θ* and P* of the running instance, pool(θ) and the k-center (re-)selection of the proxies P."""
+
+    def __init__(self, r: build.Run):
+        self.r, self.settings, self.proxies = r, r.cfg["ccp"], r.objective.proxies
+        self.trainable = [name for name, p in r.network.named_parameters() if p.requires_grad]
+        self.anchor = projection.ProximalAnchor(p for p in r.network.parameters() if p.requires_grad)  # θ_anchor ← θ
+        self.controller = projection.AlternatingProjections(**r.cfg["projection"])  # t, λ_t, convergence
+        labels = np.asarray(r.splits["fit"].labels)  # pool(θ) draws from one run-long stream of images per class
+        self.candidates = selection.CandidateStream([np.flatnonzero(labels == c).tolist()
+                                                     for c in range(r.splits["fit"].num_classes)], r.seed)
+        self.best: dict | None = None  # θ*, P* of the running instance, in host memory
+
+    instance = property(lambda self: self.controller.instance)
+    lam = property(lambda self: self.controller.lam)
+
+    def start(self) -> None:
+        """P ← select(pool(θ), initial = 0, K) before the first step (`proxy_init: random` keeps random P)."""
+        if self.settings["proxy_init"] == "kcenter":
+            report = self.select(None)
+            append_jsonl({"step": 0, "instance": 0, "lam": 0.0, "selection": report}, self.r.log_path)
+            self.r.say(f"step 0: {self.settings['proxies_per_class']} proxies per class chosen by k-center "
+                       f"from pools of {report['pool_size']} images")
+
+    def pull(self) -> None:
+        """grad += λ_t (θ − θ_anchor): the gradient of (λ_t / 2)‖θ − θ_anchor‖² (nothing while λ_t = 0)."""
+        self.anchor.add_to_grad(self.lam)
+
+    def after_validation(self, score: float) -> dict:
+        """Keep θ*, P* at the instance's best; once the instance has converged: θ_anchor ← θ*, t ← t + 1,
+        λ_t = λ·decay^t, and P ← select(pool(θ), initial = P*, K). Returns additions to the log record."""
+        decision = self.controller.update(score)
+        if decision == "improved":
+            self.best = {"network": projection.host_copy(self.r.network), "proxies": projection.host_copy(self.proxies)}
+        if decision != "converged":
+            return {}
+        theta_star, p_star = self.best["network"], self.best["proxies"]["weight"]
+        self.anchor.anchor([theta_star[name] for name in self.trainable])  # the network continues from its θ
+        self.best, record = None, {}
+        message = f"instance {self.instance - 1} converged; lambda -> {self.lam:g}"
+        if self.settings["reselect"]:
+            record["selection"] = report = self.select(p_star)
+            message += (f", proxies re-selected: covering radius {report['covering_radius_before']:.4f}"
+                        f" -> {report['covering_radius_after']:.4f}")
+        self.r.say(f"step {self.r.step}: {message}")
+        return record
+
+    def pool(self) -> torch.Tensor:
+        """pool(θ): the next b images of every class from the run-long candidate stream, embedded by the
+        current network in inference mode with the training augmentation: raw f(x), (C, b, d)."""
+        b, K = self.settings["pool_size"], self.settings["proxies_per_class"]
+        b = b * K if b < K else b  # the authors enlarge a pool smaller than K to b·K (PAPER.md §5)
+        drawn = self.candidates.draw(b)
+        return selection.candidate_pool(lambda indices: embed_augmented(self.r, indices, self.instance), drawn,
+                                        batch_size=len(drawn) * b)
+
+    def select(self, initial: torch.Tensor | None, apply: bool = True) -> dict:
+        """P ← select(pool(θ), initial, K): greedy k-center per class from `initial` (P*, or 0 at the start)."""
+        pool = self.pool()
+        new = selection.select_proxies(pool, initial, self.settings["proxies_per_class"])
+        start = self.proxies.weight.detach().cpu() if initial is None else initial
+        report = {"pool_size": pool.shape[1], **selection_report(self.r, pool, start, new)}
+        if self.settings["save_selections"]:
+            save_selection(self.r, torch.zeros_like(new) if initial is None else initial, new, self.instance,
+                           f"step{self.r.step:07d}" if apply else "final")
+        if apply:
+            self.proxies.reset(new.to(self.proxies.weight.device))
+        return report
+
+    def finish(self) -> None:
+        """With save_selections: what k-center would pick next from the restored best P (report.py's Fig. 1)."""
+        if self.settings["save_selections"]:
+            self.select(self.proxies.weight.detach().cpu(), apply=False)
+
+    def status(self) -> str:
+        return f" | instance {self.instance}, lambda {self.lam:g}"
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor.state_dict(), "controller": self.controller.state_dict(), "best": self.best,
+                "candidates": self.candidates.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Progress from `state`; λ, decay and the patiences as configured (a resumed run may change them)."""
+        self.anchor.load_state_dict(state["anchor"])
+        settings = {k: v for k, v in self.controller.state_dict().items() if k in projection.SETTINGS}
+        self.controller.load_state_dict({**state["controller"], **settings})
+        self.candidates.load_state_dict(state["candidates"])
+        self.best = state["best"]
+
+
+class NoCCP:
+    """What the baselines run in CCP's place, so that they share its loop: one problem instance with λ = 0,
+    no pull, no proxy selection, nothing to save."""
+
+    instance, lam = 0, 0.0
+
+    def __init__(self, r: build.Run): pass
+    def start(self) -> None: pass
+    def pull(self) -> None: pass
+    def after_validation(self, score: float) -> dict: return {}
+    def finish(self) -> None: pass
+    def status(self) -> str: return ""
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: pass
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, a weight or a buffer became NaN or infinite; the message names it and the step."""
 
 
 def check_finite_state(r: build.Run) -> None:
@@ -258,50 +255,30 @@ def validate(r: build.Run) -> tuple[float, dict]:
     check_finite_state(r)
     val_metrics = evaluate.retrieval_metrics(*embed_normalized(r.network, r.splits["val"], r.cfg, r.device),
                                              recall_ks=(1,))
-    record = {"step": r.step, "instance": r.instances.instance if r.instances else 0,
-              "lam": r.instances.lam if r.instances else 0.0, "loss": r.loss, "val": val_metrics,
+    record = {"step": r.step, "instance": r.ccp.instance, "lam": r.ccp.lam, "loss": r.loss, "val": val_metrics,
               "seconds": round(time.time() - r.started, 3)}
     return val_metrics["MAP@R"], record
 
 
-def reselect_proxies(r: build.Run, initial: torch.Tensor | None, instance: int, apply: bool = True) -> dict:
-    """P <- select(pool(theta), initial, K): greedy k-center on the next candidates (PAPER.md §5).
+def embed_augmented(r: build.Run, indices: list[int], instance: int) -> torch.Tensor:
+    """Raw f(x) of training images under the training augmentation, one augmentation seed per image from
+    a stream that is stable across numpy versions (pool(θ), PAPER.md §5)."""
+    seeds = np.random.SeedSequence([r.seed, instance]).generate_state(len(indices), np.uint64) >> np.uint64(1)
+    keys = [(i, int(s)) for i, s in zip(indices, seeds)]
+    return evaluate.embed(r.network, eval_loader(r.splits["fit"], r.cfg, r.device, sampler=keys), r.device)[0]
 
-    The pool is the next b images of every class from the run-long candidate stream, embedded by the
-    current network in inference mode with the training augmentation; k-center runs on raw f(x),
-    starting from `initial` (P*, or the zero vector at the start). The covering radius and the
-    inter-class distance are logged in the normalised space, for the proxies k-center starts from
-    ("before": P*, or the current proxies at the start) and for its choice ("after").
-    """
-    cfg, fit, proxies = r.cfg, r.splits["fit"], r.objective.proxies
-    per_class = cfg["ccp"]["proxies_per_class"]
-    pool_size = cfg["ccp"]["pool_size"]
-    if pool_size < per_class:
-        pool_size *= per_class  # the authors enlarge a pool smaller than K to b * K (PAPER.md §5)
 
-    def embed_fn(indices: list[int]) -> torch.Tensor:
-        # one augmentation seed per candidate, from a stream that is stable across numpy versions
-        seeds = np.random.SeedSequence([r.seed, instance]).generate_state(len(indices), np.uint64) >> np.uint64(1)
-        keys = [(i, int(s)) for i, s in zip(indices, seeds)]
-        return evaluate.embed(r.network, eval_loader(fit, cfg, r.device, sampler=keys), r.device)[0]
-
-    drawn = r.candidates.draw(pool_size)
-    pool = selection.candidate_pool(embed_fn, drawn, batch_size=len(drawn) * pool_size)
-    new = selection.select_proxies(pool, initial, per_class)
-    n = build.normalizer(cfg)
+def selection_report(r: build.Run, pool: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> dict:
+    """Covering radius and mean inter-class distance of the proxies k-center starts from (P*, or the current
+    proxies at the start) and of its choice, in the normalised space (PAPER.md §5)."""
+    n = build.normalizer(r.cfg)
     points = n(pool.reshape(-1, pool.shape[-1]))
     point_labels = torch.arange(pool.shape[0]).repeat_interleave(pool.shape[1])
-    center_labels = proxies.labels.cpu()
-    start = proxies.weight.detach().cpu() if initial is None else initial
-    report = {"pool_size": pool_size}
+    center_labels = r.objective.proxies.labels.cpu()
+    report = {}
     for when, centers in (("before", start), ("after", new)):
         report[f"covering_radius_{when}"] = selection.covering_radius(points, point_labels, n(centers), center_labels)[1]
         report[f"interclass_distance_{when}"] = selection.mean_interclass_distance(n(centers), center_labels)
-    if cfg["ccp"]["save_selections"]:
-        save_selection(r, torch.zeros_like(new) if initial is None else initial, new, instance,
-                       "final" if not apply else f"step{r.step:07d}")
-    if apply:
-        proxies.reset(new.to(proxies.weight.device))
     return report
 
 
@@ -330,8 +307,7 @@ def test_best(r: build.Run) -> dict:
     else:
         r.say(f"no validation ran (max_steps {tc['max_steps']} < eval_every {tc['eval_every']}): "
               f"testing the last weights")
-    if r.instances is not None and cfg["ccp"]["save_selections"]:  # what k-center would pick next
-        reselect_proxies(r, r.objective.proxies.weight.detach().cpu(), r.instances.instance, apply=False)
+    r.ccp.finish()
     embedded = test_embeddings(cfg, r.network, r.splits, r.device)
     metrics = test_metrics(cfg, embedded)
     if cfg["evaluation"]["save_embeddings"]:

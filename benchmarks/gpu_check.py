@@ -367,7 +367,7 @@ def state_bytes(r: build.Run) -> int:
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     tensors += [t.grad for t in list(tensors) if t.grad is not None]
     tensors += [t for state in r.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    tensors += r.instances.anchor.anchors if r.instances is not None else []
+    tensors += r.ccp.anchor.anchors if isinstance(r.ccp, train.CCP) else []
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
@@ -382,13 +382,13 @@ def step_variant(config: str, overrides: list[str], run_dir: Path, log: Path, wa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with quiet(log):
-        r = build.training_run(cfg, 0, cfg["seed"], run_dir, "")
+        r = build.training_run(cfg, 0, cfg["seed"], run_dir, "", train.CCP if cfg["method"] == "ccp" else train.NoCCP)
     dc, lam = cfg["data"], cfg["projection"]["lam"]
     g = torch.Generator().manual_seed(1)
     inputs = torch.randn(dc["classes_per_batch"] * dc["samples_per_class"], 3, dc["crop_size"], dc["crop_size"],
                          generator=g) * 50  # about the spread of Caffe-BGR pixels (data.CaffeBGR)
     labels = torch.arange(dc["classes_per_batch"]).repeat_interleave(dc["samples_per_class"])
-    pull = (lambda: r.instances.anchor.add_to_grad(lam)) if r.instances is not None else None
+    pull = (lambda: r.ccp.anchor.add_to_grad(lam)) if isinstance(r.ccp, train.CCP) else None
     v = {"run": r, "cfg": cfg, "inputs": inputs.to(device), "labels": labels.to(device), "pull": pull, "times": []}
     for _ in range(warmup_steps):
         timed_step(v)
@@ -418,7 +418,7 @@ def measure_steps(variants: dict[str, dict], scale: Scale) -> dict:
     figures["ccp_over_plain"] = figures["ccp"]["median_ms"] / figures["plain"]["median_ms"]
     figures["channels_last_over_nchw"] = figures["ccp"]["median_ms"] / figures["ccp_nchw"]["median_ms"]
     figures["proxies"] = list(proxies.shape)
-    figures["anchor_bytes"] = sum(a.numel() * a.element_size() for a in r.instances.anchor.anchors)
+    figures["anchor_bytes"] = sum(a.numel() * a.element_size() for a in r.ccp.anchor.anchors)
     figures["proxy_bytes"] = proxies.numel() * proxies.element_size()
     figures["batch"] = len(variants["ccp"]["labels"])
     figures["image_size"] = variants["ccp"]["cfg"]["data"]["crop_size"]
@@ -432,7 +432,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def measure_reselection(cfg: dict, classes: int) -> dict:
     """Greedy k-center from P* on `classes` x pool_size candidates (PAPER.md §5), on the host where
-    train.reselect_proxies runs it, and the two statistics that function logs (each twice: for P*
+    train.CCP.select runs it, and the two statistics that function logs (each twice: for P*
     and for the new proxies). The candidates' embedding is not in it: the projection adds it."""
     C, b, K, d = classes, cfg["ccp"]["pool_size"], cfg["ccp"]["proxies_per_class"], cfg["model"]["embedding_dim"]
     g = torch.Generator().manual_seed(0)

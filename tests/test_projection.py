@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from projection import AlternatingProjections, EarlyStopping, ProblemInstances, ProximalAnchor
+from projection import AlternatingProjections, EarlyStopping, ProximalAnchor
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
 
@@ -30,7 +30,6 @@ def move(params, seed, scale=0.1):
 def test_penalty_value_matches_loops():
     params = make_params(0)
     pull = ProximalAnchor(params)
-    pull.anchor()
     before = [p.detach().clone() for p in params]
     move(params, 1)
     squared = 0.0
@@ -46,7 +45,6 @@ def test_penalty_value_matches_loops():
 def test_penalty_gradient_is_exactly_lam_times_difference(dtype, lam):
     params = make_params(2, dtype)
     pull = ProximalAnchor(params)
-    pull.anchor()
     theta_anchor = [p.detach().clone() for p in params]
     move(params, 3)
     pull.penalty(lam).backward()
@@ -57,7 +55,6 @@ def test_penalty_gradient_is_exactly_lam_times_difference(dtype, lam):
 def test_penalty_gradcheck():
     params = make_params(4)
     pull = ProximalAnchor(params)
-    pull.anchor()
     move(params, 5)
     # gradcheck perturbs the given tensors in place, which are the anchored parameters themselves
     assert torch.autograd.gradcheck(lambda *ps: pull.penalty(0.7), params)
@@ -77,7 +74,6 @@ def test_add_to_grad_equals_autograd_of_penalty(lam):
     anchors = []
     for params in (via_autograd, via_hook):
         anchors.append(ProximalAnchor(params))
-        anchors[-1].anchor()
         move(params, 7)
     (loss_of(via_autograd) + anchors[0].penalty(lam)).backward()
     loss_of(via_hook).backward()
@@ -90,7 +86,6 @@ def test_add_to_grad_creates_missing_grads_and_lam_zero_is_a_no_op():
     params, reference = make_params(8), make_params(8)
     pulls = [ProximalAnchor(params), ProximalAnchor(reference)]
     for ps, pull in zip((params, reference), pulls):
-        pull.anchor()
         move(ps, 9)
     pulls[0].add_to_grad(0.0)
     assert all(p.grad is None for p in params)
@@ -103,18 +98,9 @@ def test_add_to_grad_creates_missing_grads_and_lam_zero_is_a_no_op():
     assert all(torch.equal(p.grad, k) for p, k in zip(params, kept))
 
 
-def test_using_the_pull_before_anchor_is_an_error():
-    pull = ProximalAnchor(make_params(0))
-    with pytest.raises(RuntimeError, match="anchor\\(\\) must be called"):
-        pull.penalty(1.0)
-    with pytest.raises(RuntimeError, match="anchor\\(\\) must be called"):
-        pull.add_to_grad(1.0)
-
-
 def test_anchor_copies_values_into_preallocated_buffers():
     params = make_params(10, torch.float32)
     pull = ProximalAnchor(params)
-    pull.anchor()
     buffers = [a.data_ptr() for a in pull.anchors]
     assert all(not a.requires_grad and a.dtype == torch.float32 for a in pull.anchors)
     move(params, 11)  # the anchor is a copy, not a view of the parameters
@@ -128,24 +114,23 @@ def test_anchor_copies_values_into_preallocated_buffers():
     assert not torch.equal(pull.anchors[0], snapshot[0].to(torch.float32))
 
 
-def test_proximal_anchor_rejects_bad_input():
+@pytest.mark.parametrize("params", [[], [torch.zeros(3)]], ids=["empty", "not trainable"])
+def test_proximal_anchor_refuses_what_it_cannot_pull(params):
+    with pytest.raises(ValueError, match="non-empty list of trainable tensors"):
+        ProximalAnchor(params)
+
+
+@pytest.mark.parametrize("values", [lambda ps: ps[:2], lambda ps: [ps[0], torch.zeros(4), ps[2]]],
+                         ids=["too few", "wrong shape"])
+def test_anchor_refuses_values_unlike_the_parameters(values):
     params = make_params(0)
-    with pytest.raises(ValueError, match="params is empty"):
-        ProximalAnchor([])
-    with pytest.raises(ValueError, match=r"params\[1\] must be a trainable tensor"):
-        ProximalAnchor([params[0], torch.zeros(3)])
-    pull = ProximalAnchor(params)
-    with pytest.raises(ValueError, match="expected 3 tensors .* got 2"):
-        pull.anchor(params[:2])
-    with pytest.raises(ValueError, match=r"tensor 1 must have shape \(5,\), got Tensor \(4,\)"):
-        pull.anchor([params[0], torch.zeros(4), params[2]])
+    with pytest.raises(ValueError, match=r"expected 3 tensors shaped like the parameters"):
+        ProximalAnchor(params).anchor(values(params))
 
 
 def test_proximal_anchor_state_dict_round_trip():
     source, target = make_params(12), make_params(13)
     pull = ProximalAnchor(source)
-    assert pull.state_dict() == {"anchors": None}
-    pull.anchor()
     restored = ProximalAnchor(target)
     restored.load_state_dict(pull.state_dict())
     for a, p in zip(restored.anchors, source):
@@ -153,8 +138,6 @@ def test_proximal_anchor_state_dict_round_trip():
     expected = sum(((t.detach() - s.detach()) ** 2).sum() for t, s in zip(target, source))
     move(source, 14)  # the restored anchor is a copy, independent of the source's parameters
     assert restored.penalty(0.3).item() == pytest.approx(0.15 * expected.item(), rel=1e-12)
-    with pytest.raises(ValueError, match="unknown \\['extra'\\]"):
-        restored.load_state_dict({"anchors": None, "extra": 1})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,98 +215,31 @@ def test_improvement_must_exceed_min_delta_strictly():
     ctl = AlternatingProjections(lam=1.0, instance_patience=2, min_delta=0.25)
     assert [d[0] for d in drive(ctl, [0.5, 0.75, 0.74])] == ["improved", None, "converged"]
     stop = EarlyStopping(patience=2, min_delta=0.0)
-    assert [stop.update(m) for m in [1.0, 1.0, 2.0]] == ["improved", None, "improved"]
+    assert [stop.update(m) for m in [1.0, 1.0, 2.0]] == [True, False, True]
 
 
 def test_controllers_reject_bad_input():
-    with pytest.raises(ValueError, match="lam=-1"):
-        AlternatingProjections(lam=-1)
-    with pytest.raises(ValueError, match="instance_patience=0"):
-        AlternatingProjections(lam=1, instance_patience=0)
+    for bad in ({"lam": -1}, {"lam": 1, "instance_patience": 0}):
+        with pytest.raises(ValueError, match="AlternatingProjections: need lam, decay, min_delta >= 0"):
+            AlternatingProjections(**bad)
     ctl = AlternatingProjections(lam=1)
     with pytest.raises(ValueError, match="finite number, got nan"):
         ctl.update(float("nan"))
     assert ctl.evaluations == 0  # a rejected metric leaves the state alone
-    with pytest.raises(ValueError, match="missing \\['stale'\\]"):
-        state = AlternatingProjections(lam=1).state_dict()
-        del state["stale"]
-        AlternatingProjections(lam=1).load_state_dict(state)
     with pytest.raises(ValueError, match="patience >= 1"):
         EarlyStopping(patience=0)
 
 
 def test_early_stopping_and_its_state_dict():
     stop = EarlyStopping(patience=3)
-    assert [stop.update(m) for m in [0.1, 0.1, 0.100001, 0.05]] == ["improved", None, None, "stop"]
+    assert [(stop.update(m), stop.stopped) for m in [0.1, 0.1, 0.100001, 0.05]] == [
+        (True, False), (False, False), (False, False), (False, True)]
     assert stop.best == 0.1 and stop.stale == 3
     restored = EarlyStopping(patience=99)
     restored.load_state_dict(json.loads(json.dumps(stop.state_dict(), allow_nan=False)))
-    assert restored.update(0.05) == stop.update(0.05) == "stop"
-    assert restored.update(0.2) == stop.update(0.2) == "improved"
+    assert restored.update(0.05) == stop.update(0.05) is False and restored.stopped and stop.stopped
+    assert restored.update(0.2) == stop.update(0.2) is True and not restored.stopped
     assert restored.stale == stop.stale == 0
     fresh = EarlyStopping()
     fresh.load_state_dict(json.loads(json.dumps(EarlyStopping().state_dict(), allow_nan=False)))
-    assert fresh.best == -math.inf and fresh.update(-5.0) == "improved"
-
-
-# ---------------------------------------------------------------------------------------------
-# ProblemInstances: the state of Algorithm 1 between steps
-
-
-def make_instances(**settings):
-    torch.manual_seed(0)
-    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    network[1].weight.requires_grad_(False)  # a frozen tensor is neither anchored nor pulled
-    proxies = torch.nn.Linear(2, 4, bias=False)  # stands in for losses.Proxies: a module with .weight
-    return network, proxies, ProblemInstances(network, proxies, **{"lam": 0.5, "instance_patience": 1, **settings})
-
-
-def test_problem_instances_snapshot_converge_and_anchor_the_best():
-    network, proxies, inst = make_instances()
-    assert (inst.instance, inst.lam) == (0, 0.0)
-    first = inst.after_validation(0.3)  # the instance's first evaluation is its best so far
-    assert (first.event, first.instance, first.lam, first.converged) == ("snapshot", 0, 0.0, False)
-    best_weight = network[0].weight.detach().clone()
-    best_proxies = proxies.weight.detach().clone()
-    with torch.no_grad():  # the network and proxies train on after the snapshot
-        network[0].weight.add_(1.0)
-        proxies.weight.add_(1.0)
-    outcome = inst.after_validation(0.2)  # no improvement for instance_patience = 1: converged
-    assert (outcome.event, outcome.instance, outcome.lam, outcome.converged) == ("converged", 1, 0.5, True)
-    assert torch.equal(outcome.converged_proxies, best_proxies)  # P* for k-center's initial set
-    anchored = dict(zip(inst.trainable, inst.anchor.anchors))
-    assert set(anchored) == {"0.weight", "0.bias", "1.bias"}
-    assert torch.equal(anchored["0.weight"], best_weight)  # theta_anchor <- theta*, not the current theta
-    assert not torch.equal(network[0].weight, best_weight)
-    assert inst.after_validation(0.1).event == "snapshot"  # instance 1 starts afresh
-
-
-def test_problem_instances_pull_is_lambda_t_times_the_distance_to_the_anchor():
-    network, _, inst = make_instances()
-    loss = network[0].weight.sum()
-    loss.backward()
-    before = network[0].weight.grad.clone()
-    inst.pull()  # lambda_0 = 0: no pull in the first instance
-    assert torch.equal(network[0].weight.grad, before)
-    inst.after_validation(0.3)
-    inst.after_validation(0.2)  # converged: anchor = the snapshot, equal to theta here
-    with torch.no_grad():
-        network[0].weight.add_(2.0)
-    inst.pull()
-    torch.testing.assert_close(network[0].weight.grad, before + 0.5 * 2.0 * torch.ones_like(before))
-
-
-@pytest.mark.parametrize("cut", [1, 2, 3])
-def test_problem_instances_state_dict_resumes_progress_with_the_new_settings(cut):
-    scores = [0.3, 0.2, 0.4, 0.1, 0.5]
-    network, proxies, original = make_instances()
-    outcomes = [original.after_validation(s).event for s in scores[:cut]]
-    state = original.state_dict()
-    _, _, restored = make_instances(lam=0.25)  # a resumed run may change lambda
-    restored.load_state_dict(state)
-    assert restored.instance == original.instance and restored.lam == (0.25 if original.instance else 0.0)
-    assert [restored.after_validation(s).event for s in scores[cut:]] == [
-        original.after_validation(s).event for s in scores[cut:]]
-    assert outcomes  # the prefix ran
-    with pytest.raises(ValueError, match="ProblemInstances.load_state_dict"):
-        restored.load_state_dict({"anchor": None})
+    assert fresh.best == -math.inf and fresh.update(-5.0) is True

@@ -4,9 +4,6 @@ protocol, and a fake CUB-200-2011 layout trained for a few steps."""
 import functools
 import json
 import math
-import resource
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -78,31 +75,6 @@ def test_model_channels_last_sets_the_layout_of_the_network(channels_last):
     conv = max((m for m in network.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.in_channels)
     assert conv.in_channels > 1 and conv.weight.is_contiguous() != channels_last
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
-
-
-KEPT_MEMORY_PROBE = """
-import resource, sys, torch
-import bookkeeping
-kept = bookkeeping.keep_freed_memory() if sys.argv[1] == "keep" else None
-for _ in range(5):  # like training steps: the heap settles within the first few, the last is measured
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's largest heap allocation by default
-    del block
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_keep_freed_memory_spares_the_page_faults_of_the_next_step():
-    faults = {}
-    for mode in ("keep", "default"):
-        out = subprocess.run([sys.executable, "-c", KEPT_MEMORY_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
-        if mode == "keep" and out[0] != "True":
-            pytest.skip("not glibc: keep_freed_memory sets nothing")
-        faults[mode] = int(out[1])
-    pages = 64 * 2**20 // resource.getpagesize()
-    assert faults["default"] > pages / 2  # the block was unmapped on free and faulted in again
-    assert faults["keep"] < pages / 20  # the heap kept it
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
@@ -236,8 +208,8 @@ def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
     assert best["step"] == 5
     names = [n for n, p in model.build_model("tiny_cnn", 32, None, "avg", False).named_parameters()
              if p.requires_grad]
-    assert len(names) == len(last["instances"]["anchor"]["anchors"])
-    for name, anchored in zip(names, last["instances"]["anchor"]["anchors"]):
+    assert len(names) == len(last["ccp"]["anchor"]["anchors"])
+    for name, anchored in zip(names, last["ccp"]["anchor"]["anchors"]):
         assert torch.equal(anchored, best["model"][name])
         assert not torch.equal(anchored, last["model"][name])  # the network itself continued training
 
@@ -261,7 +233,7 @@ def test_resume_continues_bit_for_bit(tmp_path, interrupt):
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in ("straight", "resumed"))
     assert a["step"] == b["step"] == 40
     assert tensors_equal(a["model"], b["model"]) and tensors_equal(a["objective"], b["objective"])
-    assert a["instances"]["controller"] == b["instances"]["controller"]
+    assert a["ccp"]["controller"] == b["ccp"]["controller"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_log(tmp_path / "straight" / "metrics.jsonl")) == strip(
         read_log(tmp_path / "resumed" / "metrics.jsonl"))
@@ -409,6 +381,13 @@ def test_random_proxy_init_replaces_only_the_first_k_center(tmp_path):
     trained = best["objective"]["proxies.weight"]
     assert not torch.equal(initial, trained)  # trained from the random draw ...
     assert (trained - initial).abs().max() < 0.1  # ... by small Adam steps, not replaced at step 0
+
+
+def test_a_resumed_run_keeps_its_progress_and_takes_the_new_lambda(tmp_path):
+    run_digits(tmp_path, "run", "train.max_steps=20")
+    run_digits(tmp_path, "run", "train.max_steps=30", "projection.lam=0.01", "resume=auto")
+    log = [(r["instance"], r["lam"]) for r in read_log(tmp_path / "run" / "metrics.jsonl") if "val" in r]
+    assert log == [(0, 0.0), (0, 0.0), (1, 2e-4), (1, 2e-4), (2, 0.01), (2, 0.01)]
 
 
 def test_without_reselection_the_first_proxies_are_kept_and_lambda_still_switches_on(tmp_path):
