@@ -1,6 +1,6 @@
 """Tests of evaluate.py (PAPER.md §6): every retrieval metric against a brute-force numpy reference
 written here (full distance matrix, explicit loops), hand-computed cases, NMI against its formula,
-embedding extraction, the ensemble, the table, and every input error."""
+embedding extraction, the ensemble, the table, and the input errors of the public functions."""
 import itertools
 import math
 
@@ -252,7 +252,9 @@ def expected_reference_metrics(q, ql, g=None, gl=None, recall_ks=(1, 2, 4, 8), m
         def none_correct_within(k):
             probability, start = 1.0, 0
             for _, n, h in ranked:  # tie t fills positions start .. start + n - 1; s of them lie within k
-                s = min(max(k - start, 0), n)
+                if start >= k:
+                    break
+                s = min(k - start, n)
                 probability *= math.comb(n - h, s) / math.comb(n, s)
                 start += n
             return probability
@@ -413,25 +415,33 @@ def with_bad_rows(rows: list[int], value: float) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(query=X, query_labels=Y[:5]), "query_labels has 5 entries but its embeddings have 6 rows"),
-    (dict(query=with_bad_rows([3, 5], np.nan), query_labels=Y),
+@pytest.mark.parametrize("call, kwargs, message", [
+    (retrieval_metrics, dict(query=with_bad_rows([3, 5], np.nan), query_labels=Y),
      r"query of shape \(6, 3\) has 2 row\(s\) with NaN or inf \(as float32\), the first at row 3"),
-    (dict(query=X * 1e39, query_labels=Y), r"query of shape \(6, 3\) has 6 row\(s\) with NaN or inf \(as float32\)"),
-    (dict(query=X, query_labels=Y, gallery=with_bad_rows([4], np.inf), gallery_labels=Y),
+    (retrieval_metrics, dict(query=X * 1e39, query_labels=Y),
+     r"query of shape \(6, 3\) has 6 row\(s\) with NaN or inf \(as float32\)"),
+    (retrieval_metrics, dict(query=X, query_labels=Y, gallery=with_bad_rows([4], np.inf), gallery_labels=Y),
      r"gallery of shape \(6, 3\) has 1 row\(s\) with NaN or inf .*the first at row 4"),
-    (dict(query=np.zeros((0, 3)), query_labels=np.zeros(0, int)), r"query is empty: shape \(0, 3\)"),
-    (dict(query=X, query_labels=Y, gallery=np.zeros((0, 3)), gallery_labels=np.zeros(0, int)), "gallery is empty"),
+    (nmi, dict(embeddings=torch.from_numpy(with_bad_rows([2, 4], -np.inf)), labels=Y),
+     r"nmi: embeddings of shape \(6, 3\) has 2 row\(s\) with NaN or inf .*the first at row 2"),
+])
+def test_non_finite_embeddings_are_rejected(call, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        call(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(query=X, query_labels=Y[:5]), r"query_labels must be 6 integers \(one per row\), got int64, shape \(5,\)"),
+    (dict(query=X, query_labels=Y.astype(float)), "query_labels must be 6 integers .*got float64"),
+    (dict(query=X, query_labels=torch.tensor(Y, dtype=torch.float32)), "query_labels must be 6 integers .*got float32"),
+    (dict(query=X, query_labels=Y, gallery=X, gallery_labels=Y[:, None]), r"gallery_labels must be 6 integers"),
+    (dict(query=np.zeros((0, 3)), query_labels=np.zeros(0, int)), r"query must be a non-empty \(N, d\) array"),
+    (dict(query=X[:, 0], query_labels=Y), r"query must be a non-empty \(N, d\) array, got shape \(6,\)"),
     (dict(query=X, query_labels=Y, gallery=X[:, :2], gallery_labels=Y), "query has d = 3 but gallery has d = 2"),
-    (dict(query=X[:, 0], query_labels=Y), r"query must be 2-D \(N, d\), got shape \(6,\)"),
-    (dict(query=X, query_labels=Y[:, None]), r"query_labels must be 1-D"),
-    (dict(query=X, query_labels=Y.astype(float)), "query_labels must be integers, got dtype float64"),
-    (dict(query=X, query_labels=torch.tensor(Y, dtype=torch.float32)), "query_labels must be integers"),
     (dict(query=X, query_labels=Y, gallery=X), "gallery and gallery_labels must be given together"),
     (dict(query=X, query_labels=Y, metric="euclidean"), "metric must be one of"),
-    (dict(query=X, query_labels=Y, recall_ks=(1, 0)), "recall_ks must be a sequence of positive integers"),
-    (dict(query=X, query_labels=Y, recall_ks=5), "recall_ks must be a sequence of positive integers"),
-    (dict(query=X[:1], query_labels=Y[:1]), "needs at least 2 items, got 1"),
+    (dict(query=X, query_labels=Y, recall_ks=(1, 0)), "recall_ks must be positive integers"),
+    (dict(query=X[:1], query_labels=Y[:1]), "none of the 1 queries has a reference of its class"),
     (dict(query=X, query_labels=np.arange(6)), "none of the 6 queries has a reference of its class"),
     (dict(query=X * (np.arange(6) != 2)[:, None], query_labels=Y, metric="cosine"),
      r"zero vectors; query has 1 \(first at row 2\)"),
@@ -485,22 +495,8 @@ def test_nmi_matches_formula_on_obvious_clusters():
 
 
 def test_nmi_is_reproducible_and_accepts_torch():
-    x, y = clustered(8)
-    assert nmi(x, y, seed=3) == nmi(x, y, seed=3) == nmi(torch.from_numpy(x), torch.from_numpy(y), seed=3)
-    assert 0.0 < nmi(x, y, seed=3, niter=5) < 1.0
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(embeddings=X, labels=Y[:4]), "nmi: labels has 4 entries"),
-    (dict(embeddings=with_bad_rows([1], np.nan), labels=Y),
-     r"nmi: embeddings of shape \(6, 3\) has 1 row\(s\) with NaN or inf .*the first at row 1"),
-    (dict(embeddings=torch.from_numpy(with_bad_rows([2, 4], -np.inf)), labels=Y), r"embeddings .* the first at row 2"),
-    (dict(embeddings=X, labels=Y, niter=0), "niter must be a positive integer"),
-    (dict(embeddings=X, labels=Y, seed=-1), "seed must be an integer"),
-])
-def test_nmi_rejects_bad_input(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        nmi(**kwargs)
+    x, y = clustered(8, n_classes=10)
+    assert 0.0 < nmi(x, y, seed=3) == nmi(torch.from_numpy(x), torch.from_numpy(y), seed=3) < 1.0
 
 
 # ----------------------------------------------------------------------------- embed
@@ -527,20 +523,16 @@ def test_embed_concatenates_eval_outputs_in_loader_order_and_restores_modes():
         expected = model(torch.cat([b[0] for b in batches]))
     assert embeddings.dtype == torch.float32 and labels.dtype == torch.int64
     assert embeddings.device.type == "cpu" and not embeddings.requires_grad
-    torch.testing.assert_close(embeddings, expected.float())
+    np.testing.assert_allclose(embeddings.numpy(), expected.float().numpy(), rtol=1.3e-6, atol=1e-5)
     assert torch.equal(labels, torch.cat([b[1] for b in batches]))
 
 
-@pytest.mark.parametrize("loader, message", [
-    ([], "the loader yielded no batches"),
-    ([(torch.zeros(2, 4, dtype=torch.float64),)], "batch 0 of the loader must be an \\(inputs, labels\\) pair"),
-    ([(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(3))], r"batch 0: the model must return \(3, d\)"),
-])
-def test_embed_rejects_bad_batches_and_still_restores_modes(loader, message):
+def test_embed_restores_modes_when_the_model_fails():
     model = small_model()
-    with pytest.raises(ValueError, match=message):
+    loader = [(torch.zeros(2, n, dtype=torch.float64), torch.zeros(2)) for n in (4, 5)]
+    with pytest.raises(RuntimeError):  # the second batch has 5 features, the model takes 4
         embed(model, loader, torch.device("cpu"))
-    assert model.training and not model[2].training
+    assert model.training and model[1].training and not model[2].training
 
 
 # ----------------------------------------------------------------------------- ensemble
@@ -588,23 +580,6 @@ def test_ensemble_default_is_unchanged_by_an_explicit_none():
     np.testing.assert_array_equal(ensemble(parts, normalize=None), ensemble(parts))
 
 
-@pytest.mark.parametrize("parts, kwargs, message", [
-    ([], {}, "non-empty list"),
-    ([np.ones((4, 2)), np.ones((5, 2))], {}, r"parts\[0\] has 4 rows, parts\[1\] has 5"),
-    ([np.ones(4)], {}, r"parts\[0\] must be 2-D \(N, d\), got shape \(4,\)"),
-    ([np.ones((6, 2)), with_bad_rows([2, 3], np.nan)], {},
-     r"parts\[1\] of shape \(6, 3\) has 2 row\(s\) with NaN or inf, the first at row 2"),
-    ([np.ones((6, 2)), torch.from_numpy(with_bad_rows([5], -np.inf))], {"normalize": lipschitz},
-     r"parts\[1\] .* the first at row 5"),
-    ([np.ones((6, 2))], {"normalize": lambda x: x[:, :1]},
-     r"normalize must return a tensor shaped like its input; for parts\[0\] of shape \(6, 2\) it returned \(6, 1\)"),
-    ([np.ones((6, 2))], {"normalize": lambda x: x.numpy()}, "it returned ndarray"),
-])
-def test_ensemble_rejects_bad_input(parts, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ensemble(parts, **kwargs)
-
-
 # ----------------------------------------------------------------------------- format_table
 
 def test_format_table_orders_aligns_and_formats():
@@ -616,12 +591,3 @@ def test_format_table_orders_aligns_and_formats():
     assert lines[1].split()[1] == "63.67%" and lines[5].split()[1] == "12.34%"
     assert lines[-1].split()[1] == "3"
     assert len({len(line) for line in lines}) == 1  # one width: values right-aligned in one column
-
-
-@pytest.mark.parametrize("metrics, message", [
-    ({}, "non-empty dict"),
-    ({"P@1": "high"}, "value of 'P@1' must be a number"),
-])
-def test_format_table_rejects_bad_input(metrics, message):
-    with pytest.raises(ValueError, match=message):
-        format_table(metrics)
