@@ -1,21 +1,14 @@
-"""Losses for "Deep Metric Learning with Chance Constraints" (PAPER.md §2–§4); imports only torch (and stdlib).
+"""Losses of "Deep Metric Learning with Chance Constraints": n(x) (PAPER.md §3), the four pairwise losses
+(§4) and the CCP data term (§2). Imports only torch and the standard library.
 
-What lives here, top to bottom:
-- the embedding normalisation n(x) = x / max(1, ‖x‖) of PAPER.md §3, and x/‖x‖ for the ablation;
-- Euclidean distances, computed so that duplicate points get distance 0 and finite gradients;
-- the four pairwise losses of §4 (C1, C2, triplet, multi-similarity). Each one takes anchors x (n, d)
-  with labels y and either nothing (pair form: the batch against itself, self-pairs excluded) or
-  references ref (m, d) with labels ref_y (proxy form: the batch against the proxies);
-- `Proxies`, the C·K class-major proxy table, and `CCPLoss`, the pair + proxy objective of §2
-  (the projection term λ/2·‖θ − θ_anchor‖² belongs to projection.py);
-- the baselines of §4: Proxy-Anchor, ProxyNCA++, SoftTriple and cross-batch memory (XBM).
-
-Conventions (docs/DESIGN.md): embeddings are (n, d) floating tensors and labels (n,) integer tensors.
-The four losses use their inputs as given (the caller applies n); the baselines take raw embeddings
-and normalise inside with their `normalize` argument: n by default, as the authors' framework that
-trained the paper's baseline rows (PAPER.md §7), or x/‖x‖ as the baselines' own papers. Every proxy
-table starts as N(0, 1/d) draws from the `generator` passed in. Everything runs on the inputs'
-device and dtype. Bad input raises ValueError naming what was expected, what was given and where.
+Top to bottom: n(x) and x/‖x‖; distances and similarities; C1, C2, triplet and multi-similarity, each
+called ℓ(x, y) in pair form (the batch against itself, self-pairs excluded) or ℓ(x, y, ref, ref_y) in
+proxy form (the batch against the proxies); `Proxies` and `CCPLoss`; the baselines (Proxy-Anchor,
+ProxyNCA++, SoftTriple) and the cross-batch memory (XBM); the input checks; the speed-ups.
+The four losses use their inputs as given (the caller applies n); the baselines normalise inside
+(`normalize`: n as in the authors' framework, PAPER.md §7, or x/‖x‖). Proxy tables start as N(0, 1/d)
+draws from the `generator` passed in. Inputs are checked once, where a user passes them in (public
+functions, constructors, forward); bad input raises a one-line ValueError "<where>: expected …, got …".
 """
 import inspect
 import math
@@ -28,32 +21,10 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------- normalisation (§3)
 
 
-class _LipschitzNormalize(torch.autograd.Function):
-    """n(x) with a hand-written backward: autograd's chain through norm, where and the product makes
-    about seven passes over the 45k-row SOP proxy table, this one three (a row dot, a product, an addcmul)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        norm = x.norm(dim=-1, keepdim=True)
-        # the mask is ‖x‖ > 1, as in the authors' code: on the sphere itself the gradient is the identity
-        outside = norm > 1
-        scale = 1 / torch.where(outside, norm, 1.0)
-        ctx.save_for_backward(x, scale, outside)
-        return x * scale
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, scale, outside = ctx.saved_tensors
-        # outside the ball n(x) = x/‖x‖ has the Jacobian (I − x̂x̂ᵀ)/‖x‖, so the gradient is
-        # g/‖x‖ − x·⟨x, g⟩/‖x‖³; inside it is g (scale 1, no second term)
-        dot = torch.einsum("...i,...i->...", x, grad).unsqueeze(-1)
-        coefficient = torch.where(outside, dot * scale ** 3, 0.0)
-        return (grad * scale).addcmul_(x, coefficient, value=-1)
-
-
 def lipschitz_normalize(x: Tensor) -> Tensor:
-    """n(x) = x / max(1, ‖x‖) per row (PAPER.md §3): rows outside the unit ball go onto the sphere."""
-    return _LipschitzNormalize.apply(x)
+    """n(x) = x / max(1, ‖x‖) per row (PAPER.md §3): rows outside the unit ball go onto the sphere, the
+    others stay. On the sphere itself the gradient is the identity (the authors' mask is ‖x‖ > 1)."""
+    return _LipschitzNormalizeFast.apply(x)  # the formula with a hand-written backward (speed-ups, below)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -63,202 +34,122 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 NORMALIZATIONS = {"lipschitz": lipschitz_normalize, "l2": l2_normalize}
 
-# --------------------------------------------------------------------------- input checks
+# --------------------------------------------------------------------------- similarities and distances (§4)
 
 
-def _name(fn: Callable) -> str:
-    return getattr(fn, "__name__", repr(fn))
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}, dtype {value.dtype} on {value.device}"
-    return f"a {type(value).__name__}"
-
-
-def _is_integer(t: Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
-def _check_embeddings(x: Tensor, y: Tensor, where: str, name: str = "embeddings") -> None:
-    """Embeddings must be a non-empty finite (n, d) float tensor with (n,) integer labels beside it."""
-    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"{where}: expected {name} as a 2-D floating tensor (n, d), got {_describe(x)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{where}: expected at least one row in {name}, got shape {tuple(x.shape)}")
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or not _is_integer(y):
-        raise ValueError(f"{where}: expected the labels of {name} as a 1-D integer tensor of length "
-                         f"{x.shape[0]}, got {_describe(y)}")
-    if y.device != x.device:
-        raise ValueError(f"{where}: {name} are on {x.device} but their labels on {y.device}")
-    # one cheap reduction first (NaN or inf anywhere makes the sum non-finite); rows only on failure
-    if torch.isfinite(x.sum()):
-        return
-    bad_rows = ~torch.isfinite(x).all(dim=1)
-    if bad_rows.any():  # else the sum merely overflowed
-        first = int(bad_rows.nonzero()[0, 0])
-        raise ValueError(f"{where}: {name} have {int(bad_rows.sum())} row(s) with NaN or inf "
-                         f"(first: row {first}) out of {x.shape[0]}")
-
-
-def _check_same_space(x: Tensor, ref: Tensor, where: str, name: str) -> None:
-    """References must share the embeddings' dimension, dtype and device."""
-    if ref.shape[1] != x.shape[1] or ref.dtype != x.dtype or ref.device != x.device:
-        raise ValueError(f"{where}: expected the embeddings and {name} to share dimension, dtype and device, "
-                         f"got embeddings as {_describe(x)} and {name} as {_describe(ref)}")
-
-
-def _check_labels_in_range(labels: Tensor, num_classes: int, where: str) -> None:
-    if not isinstance(labels, Tensor) or not _is_integer(labels):
-        raise ValueError(f"{where}: expected integer labels, got {_describe(labels)}")
-    if not labels.numel():
-        return
-    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read on the host
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{where}: expected labels in [0, {num_classes}), got values from {low} to {high}")
-
-
-def _check_positive(where: str, **values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{where}: expected {name} > 0, got {value!r}")
-
-
-def _check_loss_params(loss_fn: Callable, params: dict, where: str) -> None:
-    """Misspelled loss parameters fail when the module is built, not at the first step."""
-    signature = inspect.signature(loss_fn)
-    try:
-        signature.bind(None, None, None, None, **params)
-    except TypeError:
-        accepted = list(signature.parameters)[4:]
-        raise ValueError(f"{where}: {_name(loss_fn)} accepts the parameters "
-                         f"{accepted}, got {sorted(params)}") from None
-
-
-def _pairs(x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor],
-           where: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Check the inputs; return the reference set, the mask `same` (n, m) of pairs with equal labels
-    (the negative pairs are the others) and each anchor's positive pairs as slots (index, valid)."""
-    _check_embeddings(x, y, where)
-    if (ref is None) != (ref_y is None):
-        raise ValueError(f"{where}: ref and ref_y come together, got ref {_describe(ref)} "
-                         f"and ref_y {_describe(ref_y)}")
-    if ref is None:
-        same = y[:, None] == y[None, :]
-        # pair form: the batch is its own reference set, without each anchor's pair with itself
-        not_self = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-        return x, same, *_positive_slots(same & not_self)
-    _check_embeddings(ref, ref_y, where, name="references")
-    _check_same_space(x, ref, where, "references")
-    same = y[:, None] == ref_y[None, :]
-    return ref, same, *_positive_slots(same)
-
-# --------------------------------------------------------------------------- distances
+def pairwise_similarity(a: Tensor, b: Tensor) -> Tensor:
+    """s_ij = ⟨a_i, b_j⟩ for the rows of a (..., n, d) and b (..., m, d), shape (..., n, m)."""
+    return a @ b.transpose(-1, -2)
 
 
 def squared_distance(a: Tensor, b: Tensor) -> Tensor:
     """‖a_i − b_j‖² for the rows of a (..., n, d) and b (..., m, d), shape (..., n, m)."""
     a2 = (a * a).sum(-1, keepdim=True)
     b2 = (b * b).sum(-1).unsqueeze(-2)
-    # ‖a‖² + ‖b‖² − 2⟨a, b⟩ needs O(n·m) memory where explicit differences would need O(n·m·d)
-    sq = a2 + b2 - 2 * (a @ b.transpose(-1, -2))
-    # the expansion leaves rounding noise of about √d·eps·(‖a‖² + ‖b‖²) where a = b; values below
-    # that resolution are noise, so they are 0, and duplicate points are exactly at distance 0
+    # ‖a‖² + ‖b‖² − 2⟨a, b⟩: O(n·m) memory where explicit differences would need O(n·m·d)
+    sq = a2 + b2 - 2 * pairwise_similarity(a, b)
+    # values below the expansion's rounding noise √d·eps·(‖a‖² + ‖b‖²) are 0: duplicates are at distance 0
     resolution = math.sqrt(a.shape[-1]) * torch.finfo(sq.dtype).eps * (a2 + b2)
     return torch.where(sq > resolution, sq, 0.0)
 
 
 def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances ‖a_i − b_j‖ (not squared, PAPER.md §4), shape (..., n, m)."""
-    sq = squared_distance(a, b)
-    # sqrt has an infinite slope at 0: take the subgradient 0 there (the inner where keeps NaN out)
+    """Euclidean distances d_ij = ‖a_i − b_j‖ (not squared, PAPER.md §4), shape (..., n, m)."""
+    return _sqrt_or_zero(squared_distance(a, b))
+
+
+def _sqrt_or_zero(sq: Tensor) -> Tensor:
+    # √sq where sq > 0, else 0 with the subgradient 0 (sqrt's slope is infinite at 0; the inner where keeps NaN out)
     positive = sq > 0
     return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
 
+# --------------------------------------------------------------------------- the four losses (§4)
+
+
+def _pairs(x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The reference set (the batch in pair form, ref in proxy form), the mask `same` (n, m) of pairs with
+    equal labels (the negative pairs are the others) and each anchor's positive pairs as slots (index, valid)."""
+    if ref is None:
+        same = y[:, None] == y[None, :]
+        not_self = ~torch.eye(len(y), dtype=torch.bool, device=y.device)  # pair form: no pair of an anchor with itself
+        return x, same, *_positive_slots(same & not_self)
+    same = y[:, None] == ref_y[None, :]
+    return ref, same, *_positive_slots(same)
+
 
 def _mean_nonzero(terms: Tensor) -> Tensor:
-    # Σ terms / #(terms > 0), and 0 when no term is positive; summed in at least float32 for fp16
-    # counted in int32: several times faster than the default int64 sum of a bool (n, P, m) tensor,
-    # and 2³¹ terms would take 8 GiB
-    count = (terms > 0).sum(dtype=torch.int32)
+    # Σ terms / #(terms > 0), and 0 when no term is positive; summed in at least float32 (for float16)
+    count = (terms > 0).sum(dtype=torch.int32)  # int32: a faster count than the default int64
     total = terms.sum(dtype=torch.promote_types(terms.dtype, torch.float32))
     return (total / count.clamp_min(1)).to(terms.dtype)
 
 
 def _log1p_sum_exp(logits: Tensor, exclude: Tensor) -> Tensor:
-    # log(1 + Σ exp(logits)) per row over the entries not in `exclude`, as log(e⁰ + e^{logsumexp}):
-    # no overflow for large α, β. A row with every entry excluded has logsumexp −∞ and gives log 1 = 0
-    # (the NaN that logsumexp's backward leaves in such a row is zeroed by masked_fill's backward)
+    # log(1 + Σ_j exp(logits_j)) per row over the j not excluded, as log(e⁰ + e^{logsumexp}): no overflow.
+    # An all-excluded row gives log 1 = 0 (masked_fill's backward zeroes the NaN logsumexp leaves there)
     lse = torch.logsumexp(logits.masked_fill(exclude, -math.inf), dim=1)
     return torch.logaddexp(lse, lse.new_zeros(()))
 
 
-def _positive_slots(pos: Tensor) -> tuple[Tensor, Tensor]:
-    """Each anchor's positive references as indices (n, P) padded to P = the most positives of any
-    anchor, with a validity mask (n, P). P is small (K in proxy form): the positive terms work on
-    (n, P) gathers instead of masks over all m references, and triplets need (n, P, m), not (n, m, m)."""
-    counts = pos.sum(dim=1)
-    rank = torch.arange(1, int(counts.max()) + 1, dtype=torch.int32, device=pos.device)  # 1st, 2nd, ... positive
-    valid = rank <= counts[:, None]
-    # a row's running count of positives never decreases, so its k-th positive is where the count first
-    # reaches k: found by binary search, with no further read on the host (unlike boolean indexing)
-    running = pos.cumsum(dim=1, dtype=torch.int32)
-    index = torch.searchsorted(running, rank.expand(len(pos), -1).contiguous())
-    return index.clamp_max(pos.shape[1] - 1), valid  # an empty slot points at the last reference, masked
-
-# --------------------------------------------------------------------------- the four losses (§4)
-
-
 def c1_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    margin: float = 0.5) -> Tensor:
-    """C1 contrastive (Hadsell et al., XBM variant) on similarities s = ⟨x, ref⟩, PAPER.md §4."""
-    ref, same, index, valid = _pairs(x, y, ref, ref_y, "c1_contrastive")
-    s = x @ ref.T
-    pull = torch.where(valid, 1 - s.gather(1, index), 0.0)  # 1 − s over positive pairs
-    push = torch.where(same, 0.0, F.relu(s - margin))  # [s − margin]₊ over negative pairs
-    # summed per anchor, then divided by the number of anchors |A|
+    """C1 contrastive (Hadsell et al., XBM variant) on similarities s, PAPER.md §4."""
+    # (1/|A|) Σ_anchors [Σ_pos (1 − s) + Σ_neg [s − margin]₊]
+    _check_pair_inputs("c1_contrastive", x, y, ref, ref_y)
+    ref, same, index, valid = _pairs(x, y, ref, ref_y)
+    s = pairwise_similarity(x, ref)
+    pull = torch.where(valid, 1 - s.gather(1, index), 0.0)  # 1 − s over the positive pairs (slots)
+    push = torch.where(same, 0.0, F.relu(s - margin))  # [s − margin]₊ over the negative pairs
     return (pull.sum(dim=1) + push.sum(dim=1)).mean()
 
 
 def c2_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    pos_margin: float = 0.0, neg_margin: float = 0.5) -> Tensor:
     """C2 contrastive with a positive margin (Wu et al.) on distances d, PAPER.md §4."""
-    ref, same, index, valid = _pairs(x, y, ref, ref_y, "c2_contrastive")
+    # mean_nonzero over positive pairs of [d − m⁺]₊ + mean_nonzero over negative pairs of [m⁻ − d]₊
+    _check_pair_inputs("c2_contrastive", x, y, ref, ref_y)
+    ref, same, index, valid = _pairs(x, y, ref, ref_y)
     d = pairwise_distance(x, ref)
-    pull = torch.where(valid, F.relu(d.gather(1, index) - pos_margin), 0.0)  # [d − m⁺]₊ over positive pairs
-    push = torch.where(same, 0.0, F.relu(neg_margin - d))  # [m⁻ − d]₊ over negative pairs
-    # each side averaged over its non-zero terms
+    pull = torch.where(valid, F.relu(d.gather(1, index) - pos_margin), 0.0)  # [d − m⁺]₊, positive pairs (slots)
+    push = torch.where(same, 0.0, F.relu(neg_margin - d))  # [m⁻ − d]₊ over the negative pairs
     return _mean_nonzero(pull) + _mean_nonzero(push)
 
 
 def triplet(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
             margin: float = 0.1) -> Tensor:
     """Triplet loss (Schroff et al.) over every valid (anchor, positive, negative), PAPER.md §4."""
-    ref, same, index, valid = _pairs(x, y, ref, ref_y, "triplet")
+    # mean_nonzero over triplets (a, p, n) of [d(a, p) − d(a, n) + m]₊
+    _check_pair_inputs("triplet", x, y, ref, ref_y)
+    ref, same, index, valid = _pairs(x, y, ref, ref_y)
     d = pairwise_distance(x, ref)
-    # the masks go on the (n, P) and (n, m) factors, not on the (n, P, m) product: an empty slot or a
-    # reference that is no negative enters as −∞, which makes the hinge 0, so only valid triplets count
+    # masks on the (n, P) and (n, m) factors, not the (n, P, m) product: an empty slot or a reference
+    # that is no negative enters as −∞, which makes the hinge 0, so only valid triplets count
     d_ap = torch.where(valid, d.gather(1, index), -math.inf)
     slack = torch.where(same, -math.inf, margin - d)
-    hinge = F.relu(d_ap[:, :, None] + slack[:, None, :])  # [d(a,p) + (m − d(a,n))]₊, (n, P, m)
+    hinge = F.relu(d_ap[:, :, None] + slack[:, None, :])  # (n, P, m)
     return _mean_nonzero(hinge)
 
 
 def multi_similarity(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                      alpha: float = 2.0, beta: float = 40.0, base: float = 0.5) -> Tensor:
-    """Multi-similarity loss (Wang et al.) on similarities, without pair mining, PAPER.md §4."""
+    """Multi-similarity loss (Wang et al.) on similarities s, without pair mining, PAPER.md §4."""
+    # mean over anchors of (1/α)·log(1 + Σ_pos e^{−α(s − λ)}) + (1/β)·log(1 + Σ_neg e^{β(s − λ)}), λ = base
     _check_positive("multi_similarity", alpha=alpha, beta=beta)
-    ref, same, index, valid = _pairs(x, y, ref, ref_y, "multi_similarity")
-    s = x @ ref.T
-    s_pos = s.gather(1, index)  # the positives' similarities (n, P): the pull need not scan all m references
-    pull = _log1p_sum_exp(-alpha * (s_pos - base), ~valid) / alpha  # (1/α)·log(1 + Σ_pos e^{−α(s − λ)})
-    push = _log1p_sum_exp(beta * (s - base), same) / beta  # (1/β)·log(1 + Σ_neg e^{β(s − λ)})
+    _check_pair_inputs("multi_similarity", x, y, ref, ref_y)
+    ref, same, index, valid = _pairs(x, y, ref, ref_y)
+    s = pairwise_similarity(x, ref)
+    pull = _log1p_sum_exp(-alpha * (s.gather(1, index) - base), ~valid) / alpha  # positive pairs (slots)
+    push = _log1p_sum_exp(beta * (s - base), same) / beta  # negative pairs
     return (pull + push).mean()
 
 
 LOSSES = {"c1": c1_contrastive, "c2": c2_contrastive, "triplet": triplet, "ms": multi_similarity}
 
 # --------------------------------------------------------------------------- proxies and the CCP objective (§2)
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__name__", repr(fn))
 
 
 def _random_proxies(rows: int, dim: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -291,11 +182,9 @@ class Proxies(nn.Module):
         """Copy new proxies, (C·K, d) or (C, K, d), into the existing Parameter: the optimiser keeps
         tracking it and keeps its Adam moments, as in the authors' code (PAPER.md §5)."""
         shapes = [tuple(self.weight.shape), (self.num_classes, self.proxies_per_class, self.dim)]
-        if not isinstance(new_weight, Tensor) or tuple(new_weight.shape) not in shapes:
-            raise ValueError(f"Proxies.reset: expected a tensor of shape {shapes[0]} or {shapes[1]}, "
-                             f"got {_describe(new_weight)}")
-        if not torch.isfinite(new_weight).all():
-            raise ValueError(f"Proxies.reset: new proxies contain NaN or inf ({_describe(new_weight)})")
+        _expect("Proxies.reset", isinstance(new_weight, Tensor) and tuple(new_weight.shape) in shapes,
+                f"a tensor of shape {shapes[0]} or {shapes[1]}", new_weight)
+        _expect("Proxies.reset", bool(torch.isfinite(new_weight).all()), "finite new proxies", "NaN or inf")
         self.weight.copy_(new_weight.reshape(self.weight.shape))
 
     def extra_repr(self) -> str:
@@ -314,17 +203,16 @@ class CCPLoss(nn.Module):
                  proxy_weight: float = 1.0, normalize: Callable[[Tensor], Tensor] = lipschitz_normalize,
                  **loss_params: float) -> None:
         super().__init__()
-        if not isinstance(proxies, Proxies):
-            raise ValueError(f"CCPLoss: expected proxies as a Proxies module, got {_describe(proxies)}")
-        _check_loss_params(loss_fn, loss_params, "CCPLoss")
+        _expect("CCPLoss", isinstance(proxies, Proxies), "proxies as a Proxies module", proxies)
+        _check_loss_params("CCPLoss", loss_fn, loss_params)
         self.loss_fn, self.proxies, self.normalize = loss_fn, proxies, normalize
         self.pair_weight, self.proxy_weight, self.loss_params = pair_weight, proxy_weight, loss_params
 
     def terms(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The unweighted pair term and proxy term, for logging."""
-        _check_labels_in_range(labels, self.proxies.num_classes, "CCPLoss")
         z = self.normalize(embeddings)
         pair = self.loss_fn(z, labels, **self.loss_params)
+        _check_label_range("CCPLoss", labels, self.proxies.num_classes)  # the pair term checked their type
         proxy = self.loss_fn(z, labels, self.normalize(self.proxies.weight), self.proxies.labels,
                              **self.loss_params)
         return pair, proxy
@@ -338,31 +226,15 @@ class CCPLoss(nn.Module):
         return (f"loss_fn={_name(self.loss_fn)}, pair_weight={self.pair_weight}, "
                 f"proxy_weight={self.proxy_weight}, normalize={_name(self.normalize)}{params}")
 
-# --------------------------------------------------------------------------- baselines (§4)
-
-
-def _normalized_inputs(embeddings: Tensor, labels: Tensor, proxies: Tensor, num_classes: int,
-                       normalize: Callable[[Tensor], Tensor], where: str) -> tuple[Tensor, Tensor]:
-    """Check a baseline's inputs; return the normalised embeddings and proxies."""
-    _check_embeddings(embeddings, labels, where)
-    _check_same_space(embeddings, proxies, where, "the proxies")
-    _check_labels_in_range(labels, num_classes, where)
-    return normalize(embeddings), normalize(proxies)
-
-
-def _check_choice(where: str, name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where}: expected {name} to be one of {choices}, got {value!r}")
+# --------------------------------------------------------------------------- baselines (§4, §7)
 
 
 class ProxyAnchor(nn.Module):
-    """Proxy-Anchor loss (Kim et al., CVPR 2020) with one proxy per class as the anchor, s = ⟨z(x), z(p)⟩:
-    (1/|P⁺|) Σ_{p∈P⁺} log(1 + Σ_{x∈X⁺_p} e^{−α(s(x,p) − δ)})
-      + (1/|P⁻|) Σ_{p∈P} log(1 + Σ_{x∈X⁻_p} e^{α(s(x,p) + δ)}),
-    P⁺ (P⁻) the proxies with a positive (a negative) in the batch and z = `normalize`. The
-    defaults follow the authors' framework, where the paper's baseline rows were trained; the
-    switches give Kim et al.'s version (`normalize=l2_normalize, push_over_all_proxies=True`).
-    Proxies start as N(0, 1/d) draws from `generator`."""
+    """Proxy-Anchor loss (Kim et al., CVPR 2020), one proxy per class as the anchor, z = `normalize`.
+
+    The defaults follow the authors' framework, where the paper's baseline rows were trained (PAPER.md §7);
+    `normalize=l2_normalize, push_over_all_proxies=True` is Kim et al.'s version. Proxies start as N(0, 1/d)
+    draws from `generator`."""
 
     def __init__(self, num_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0,
                  generator: Optional[torch.Generator] = None, *,
@@ -375,8 +247,11 @@ class ProxyAnchor(nn.Module):
         self.proxies = nn.Parameter(_random_proxies(num_classes, dim, generator))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize, "ProxyAnchor")
-        s = p @ x.T  # (C, n): each proxy is an anchor, the batch its references
+        # (1/|P⁺|) Σ_{p∈P⁺} log(1 + Σ_{x∈X⁺_p} e^{−α(s − δ)}) + (1/|P⁻|) Σ_{p∈P} log(1 + Σ_{x∈X⁻_p} e^{α(s + δ)}),
+        # s = ⟨z(x), z(p)⟩, P⁺ (P⁻) the proxies with a positive (a negative) in the batch, δ = margin
+        _check_batch("ProxyAnchor", embeddings, labels, self.proxies, "the proxies", self.num_classes)
+        x, p = self.normalize(embeddings), self.normalize(self.proxies)
+        s = pairwise_similarity(p, x)  # (C, n): each proxy is an anchor, the batch its references
         pos = torch.arange(self.num_classes, device=labels.device)[:, None] == labels[None, :]
         with_positive = pos.any(dim=1)
         pull = _log1p_sum_exp(-self.alpha * (s - self.margin), ~pos)[with_positive].sum() / with_positive.sum()
@@ -393,11 +268,10 @@ class ProxyAnchor(nn.Module):
 
 class ProxyNCAPlusPlus(nn.Module):
     """ProxyNCA++ (Teh et al., ECCV 2020): a softmax over the proxies with the positive one in the
-    denominator, −log(e^{ℓ_y} / Σ_c e^{ℓ_c}), averaged over the batch, with z = `normalize` and logits
-    ℓ_c = ⟨z(x), z(p_c)⟩/T ("similarity", the authors' code) or −‖z(x) − z(p_c)‖²/T ("squared_distance",
-    Teh et al.). On the sphere the second is 2·⟨z(x), z(p_c)⟩/T up to a constant: similarity at T
-    equals squared_distance at 2T. The default T = 0.11 is the authors' shipped scale 1/0.11, which
-    produced the paper's baseline rows; the supplement rounds it to 0.1 (PAPER.md §7)."""
+    denominator, z = `normalize`, logits ℓ_c = ⟨z(x), z(p_c)⟩/T ("similarity", the authors' code) or
+    −‖z(x) − z(p_c)‖²/T ("squared_distance", Teh et al.). On the sphere, similarity at T equals
+    squared_distance at 2T. The default T = 0.11 is the authors' shipped scale 1/0.11, which produced the
+    paper's baseline rows; the supplement rounds it to 0.1 (PAPER.md §7)."""
 
     LOGITS = ("similarity", "squared_distance")
 
@@ -407,14 +281,15 @@ class ProxyNCAPlusPlus(nn.Module):
                  logits: str = "similarity") -> None:  # ⟨z(x), z(p)⟩/T as the authors' code (PAPER.md §7)
         super().__init__()
         _check_positive("ProxyNCAPlusPlus", num_classes=num_classes, dim=dim, temperature=temperature)
-        _check_choice("ProxyNCAPlusPlus", "logits", logits, self.LOGITS)
+        _expect("ProxyNCAPlusPlus", logits in self.LOGITS, f"logits to be one of {self.LOGITS}", repr(logits))
         self.num_classes, self.temperature, self.normalize, self.logits = num_classes, temperature, normalize, logits
         self.proxies = nn.Parameter(_random_proxies(num_classes, dim, generator))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, p = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize,
-                                  "ProxyNCAPlusPlus")
-        closeness = x @ p.T if self.logits == "similarity" else -squared_distance(x, p)
+        # mean over the batch of −log(e^{ℓ_y} / Σ_c e^{ℓ_c})
+        _check_batch("ProxyNCAPlusPlus", embeddings, labels, self.proxies, "the proxies", self.num_classes)
+        x, p = self.normalize(embeddings), self.normalize(self.proxies)
+        closeness = pairwise_similarity(x, p) if self.logits == "similarity" else -squared_distance(x, p)
         return F.cross_entropy(closeness / self.temperature, labels.long())
 
     def extra_repr(self) -> str:
@@ -423,13 +298,10 @@ class ProxyNCAPlusPlus(nn.Module):
 
 
 class SoftTriple(nn.Module):
-    """SoftTriple loss (Qian et al., ICCV 2019) with K centers per class (class-major rows):
-    S_c(x) = Σ_k softmax_k(s_ck/γ)·s_ck, s_ck = ⟨z(x), z(w_ck)⟩, z = `normalize`;
-    ℓ = cross-entropy of λ·(S_c − δ·[c = y]);
-    plus τ · Σ_c Σ_{t<t'} D(w_ct, w_ct') / (C·K·(K − 1)), the regulariser that merges close centers,
-    with D = ‖z(w) − z(w')‖ ("normalized", Qian et al.) or √[2 − 2⟨w, w'⟩]₊ on the raw centers ("raw",
-    the authors' code: equal to the first for unit centers; where ⟨w, w'⟩ ≥ 1 their gradient is NaN
-    and this one takes the subgradient 0, PAPER.md §7)."""
+    """SoftTriple loss (Qian et al., ICCV 2019) with K centers per class (class-major rows), z = `normalize`,
+    plus the regulariser that merges close centers. Its distance D is ‖z(w) − z(w')‖ ("normalized", Qian
+    et al.) or √[2 − 2⟨w, w'⟩]₊ on the raw centers ("raw", the authors' code: equal to the first for unit
+    centers; where ⟨w, w'⟩ ≥ 1 their gradient is NaN and this one takes the subgradient 0, PAPER.md §7)."""
 
     CENTER_REGULARIZERS = ("normalized", "raw")
 
@@ -441,28 +313,32 @@ class SoftTriple(nn.Module):
         super().__init__()
         _check_positive("SoftTriple", num_classes=num_classes, dim=dim, centers_per_class=centers_per_class,
                         la=la, gamma=gamma)
-        _check_choice("SoftTriple", "center_regularizer", center_regularizer, self.CENTER_REGULARIZERS)
+        _expect("SoftTriple", center_regularizer in self.CENTER_REGULARIZERS,
+                f"center_regularizer to be one of {self.CENTER_REGULARIZERS}", repr(center_regularizer))
         self.num_classes, self.centers_per_class = num_classes, centers_per_class
         self.la, self.gamma, self.tau, self.margin = la, gamma, tau, margin
         self.normalize, self.center_regularizer = normalize, center_regularizer
         self.proxies = nn.Parameter(_random_proxies(num_classes * centers_per_class, dim, generator))
 
     def regularizer(self, w: Tensor, raw: Tensor) -> Tensor:
-        """Σ_c Σ_{t<t'} D(w_ct, w_ct') / (C·K·(K − 1)) from the normalised centers w and the raw ones
-        (both (C·K, d)); 0 when K = 1."""
+        """From the normalised centers w and the raw ones (both (C·K, d)); 0 when K = 1."""
+        # Σ_c Σ_{t<t'} D(w_ct, w_ct') / (C·K·(K − 1))
         C, K = self.num_classes, self.centers_per_class
         if K == 1:
             return w.sum() * 0.0
         if self.center_regularizer == "normalized":
             d = pairwise_distance(w.view(C, K, -1), w.view(C, K, -1))  # (C, K, K)
         else:
-            sq = 2 - 2 * raw.view(C, K, -1) @ raw.view(C, K, -1).transpose(1, 2)  # 2 − 2⟨w, w'⟩, (C, K, K)
-            d = torch.where(sq > 0, torch.where(sq > 0, sq, 1.0).sqrt(), 0.0)  # subgradient 0 where the root is 0
+            r = raw.view(C, K, -1)
+            d = _sqrt_or_zero(2 - pairwise_similarity(2 * r, r))  # √[2 − 2⟨w, w'⟩]₊, (C, K, K)
         return d.triu(diagonal=1).sum() / (C * K * (K - 1))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, w = _normalized_inputs(embeddings, labels, self.proxies, self.num_classes, self.normalize, "SoftTriple")
-        s = (x @ w.T).view(len(x), self.num_classes, self.centers_per_class)
+        # cross-entropy of λ·(S_c(x) − δ·[c = y]), S_c(x) = Σ_k softmax_k(s_ck/γ)·s_ck, s_ck = ⟨z(x), z(w_ck)⟩;
+        # plus τ · regularizer
+        _check_batch("SoftTriple", embeddings, labels, self.proxies, "the proxies", self.num_classes)
+        x, w = self.normalize(embeddings), self.normalize(self.proxies)
+        s = pairwise_similarity(x, w).view(len(x), self.num_classes, self.centers_per_class)
         class_similarity = (F.softmax(s / self.gamma, dim=2) * s).sum(dim=2)  # S_c(x), (n, C)
         margins = self.margin * F.one_hot(labels.long(), self.num_classes).to(s.dtype)
         loss = F.cross_entropy(self.la * (class_similarity - margins), labels.long())
@@ -490,9 +366,8 @@ class CrossBatchMemory(nn.Module):
                  **loss_params: float) -> None:
         super().__init__()
         _check_positive("CrossBatchMemory", dim=dim, memory_size=memory_size)
-        if start < 0:
-            raise ValueError(f"CrossBatchMemory: start must be >= 0 batches, got {start}")
-        _check_loss_params(loss_fn, loss_params, "CrossBatchMemory")
+        _expect("CrossBatchMemory", start >= 0, "start >= 0 batches", repr(start))
+        _check_loss_params("CrossBatchMemory", loss_fn, loss_params)
         self.loss_fn, self.normalize, self.start, self.loss_params = loss_fn, normalize, start, loss_params
         self.register_buffer("memory", torch.zeros(memory_size, dim))
         self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.long))
@@ -512,10 +387,10 @@ class CrossBatchMemory(nn.Module):
         return len(self) == self.memory.shape[0]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        _check_batch("CrossBatchMemory", embeddings, labels, self.memory, "the memory")
         z = self.normalize(embeddings)
         filled = len(self)
         if filled == 0:
-            _check_embeddings(z, labels, "CrossBatchMemory")
             loss = z.new_zeros(()) + 0.0 * z.sum()  # a zero tied to the graph: backward() works on an empty memory
         else:
             # a copy: the enqueue below overwrites rows that backward still needs
@@ -538,11 +413,10 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Store n(embeddings) and labels without computing a loss."""
+        _check_batch("CrossBatchMemory.enqueue", embeddings, labels, self.memory, "the memory")
         self._push(self.normalize(embeddings), labels)
 
     def _push(self, z: Tensor, labels: Tensor) -> None:
-        _check_embeddings(z, labels, "CrossBatchMemory.enqueue")
-        _check_same_space(z, self.memory, "CrossBatchMemory.enqueue", "the memory")
         size = len(self.memory)
         z, labels = z[-size:], labels[-size:]  # a batch larger than the memory leaves its last rows
         rows = (self.pointer + torch.arange(len(z), device=z.device)) % size
@@ -555,3 +429,100 @@ class CrossBatchMemory(nn.Module):
         params = "".join(f", {k}={v}" for k, v in self.loss_params.items())
         return (f"loss_fn={_name(self.loss_fn)}, dim={self.memory.shape[1]}, memory_size={len(self.memory)}, "
                 f"normalize={_name(self.normalize)}, start={self.start}{params}")
+
+# --------------------------------------------------------------------------- input checks (public entry points only)
+
+
+def _expect(where: str, ok: bool, expected: str, got: object) -> None:
+    """The one way a check fails: ValueError("<where>: expected <expected>, got <got>")."""
+    if not ok:
+        raise ValueError(f"{where}: expected {expected}, got {_describe(got)}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, dtype {value.dtype} on {value.device}"
+    return value if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _check_batch(where: str, x: Tensor, y: Tensor, like: Optional[Tensor] = None, like_name: str = "",
+                 num_classes: Optional[int] = None, name: str = "embeddings") -> None:
+    """x: a non-empty, finite (n, d) floating tensor in the dimension, dtype and device of `like` (proxies,
+    references, the memory); y: its (n,) integer labels, in [0, num_classes) when that is given."""
+    _expect(where, isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point() and len(x) > 0,
+            f"{name} as a non-empty 2-D floating tensor (n, d)", x)
+    integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    _expect(where, integer and y.shape == (len(x),) and y.device == x.device,
+            f"the labels of {name} as a 1-D integer tensor of length {len(x)} on {x.device}", y)
+    if like is not None:
+        _expect(where, x.shape[1:] == like.shape[1:] and x.dtype == like.dtype and x.device == like.device,
+                f"{name} in the dimension, dtype and device of {like_name} ({_describe(like)})", x)
+    if not torch.isfinite(x.sum()):  # one reduction, one read on the host; the rows only when it fails
+        finite = torch.isfinite(x).all(dim=1)  # (a sum of finite rows may merely overflow)
+        _expect(where, bool(finite.all()), f"finite {name}", f"{int((~finite).sum())} row(s) of {len(x)} "
+                f"with NaN or inf (first: row {int(finite.int().argmin())})")
+    if num_classes is not None:
+        _check_label_range(where, y, num_classes)
+
+
+def _check_label_range(where: str, labels: Tensor, num_classes: int) -> None:
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read on the host
+    _expect(where, 0 <= low and high < num_classes, f"labels in [0, {num_classes})", f"values from {low} to {high}")
+
+
+def _check_pair_inputs(where: str, x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor]) -> None:
+    """The four losses: x, y as _check_batch; ref and ref_y together (proxy form) or neither (pair form)."""
+    _check_batch(where, x, y)
+    _expect(where, (ref is None) == (ref_y is None), "ref and ref_y together or neither",
+            "only ref" if ref_y is None else "only ref_y")
+    if ref is not None:
+        _check_batch(where, ref, ref_y, x, "the embeddings", name="references")
+
+
+def _check_positive(where: str, **values: float) -> None:
+    for name, value in values.items():
+        _expect(where, value > 0, f"{name} > 0", repr(value))
+
+
+def _check_loss_params(where: str, loss_fn: Callable, params: dict) -> None:
+    # misspelled loss parameters fail when the module is built, not at the first step
+    accepted = list(inspect.signature(loss_fn).parameters)[4:]  # after x, y, ref, ref_y
+    _expect(where, set(params) <= set(accepted), f"parameters of {_name(loss_fn)} among {accepted}",
+            str(sorted(params)))
+
+# --------------------------------------------------------------------------- speed-ups (the same values, less time)
+
+
+class _LipschitzNormalizeFast(torch.autograd.Function):
+    """n(x) = x / max(1, ‖x‖) with a hand-written backward: three passes over the proxy table where
+    autograd's chain through norm, where and the product makes about seven."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norm = x.norm(dim=-1, keepdim=True)
+        outside = norm > 1  # the authors' mask: on the sphere itself the gradient is the identity
+        scale = 1 / torch.where(outside, norm, 1.0)
+        ctx.save_for_backward(x, scale, outside)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, scale, outside = ctx.saved_tensors
+        # outside the ball the Jacobian is (I − x̂x̂ᵀ)/‖x‖: g/‖x‖ − x·⟨x, g⟩/‖x‖³; inside it is g
+        dot = torch.einsum("...i,...i->...", x, grad).unsqueeze(-1)
+        coefficient = torch.where(outside, dot * scale ** 3, 0.0)
+        return (grad * scale).addcmul_(x, coefficient, value=-1)
+
+
+def _positive_slots(pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Each anchor's positive references as indices (n, P), P = the most positives of any anchor, with a
+    validity mask (n, P). P is small (K in proxy form): positive terms gather (n, P) values instead of
+    masking all m references, and triplets need (n, P, m), not (n, m, m)."""
+    counts = pos.sum(dim=1)
+    rank = torch.arange(1, int(counts.max()) + 1, dtype=torch.int32, device=pos.device)  # 1st, 2nd, ... positive
+    valid = rank <= counts[:, None]
+    # the k-th positive is where the row's running count first reaches k: a binary search, which reads
+    # nothing more on the host (boolean indexing would); int32 counts, faster than int64
+    running = pos.cumsum(dim=1, dtype=torch.int32)
+    index = torch.searchsorted(running, rank.expand(len(pos), -1).contiguous())
+    return index.clamp_max(pos.shape[1] - 1), valid  # an empty slot points at the last reference, masked

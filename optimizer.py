@@ -1,32 +1,13 @@
-"""The authors' update in one torch.optim.Optimizer: coupled weight decay, clipping, Keras' Adam.
+"""KerasAdam: the authors' update as one torch.optim.Optimizer (PAPER.md §2, §7). Imports only torch.
 
-PAPER.md §2: each step's update is built as gradient of the loss → + λ_t(θ − θ_anchor) (added to
-.grad by projection.ProximalAnchor before step(), not here) → + coupled weight decay w·θ → clip the
-global norm over all gradients → clip each value → Adam. KerasAdam.step() runs the last four.
-PAPER.md §7: the authors' Adam is Keras' (OptimizerV2), which adds ε before the bias correction,
-
-    θ ← θ − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)                      epsilon="keras" (default)
-
-where torch.optim.Adam adds it after,
-
-    θ ← θ − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε)                      epsilon="torch"
-
-so torch's Adam is Keras' with ε/√(1−β₂ᵗ), ≈ 32·ε at t = 1 for β₂ = 0.999. The two differ where √v is
-near ε: for one gradient of 1e-6 at lr 1e-3 the first step is 2.4e-4 (Keras) against 9.1e-4 (torch).
-
-Where this still differs from Keras (all invisible in the authors' setting):
-- the step count t is kept per tensor, as torch.optim.Adam does; Keras counts the optimiser's
-  iterations, the same thing while every tensor gets a gradient at every step;
-- the global norm is clipped with torch.nn.utils.clip_grad_norm_'s g·min(1, c/(‖g‖ + 1e-6)), where
-  TensorFlow's tf.clip_by_global_norm has g·c/max(‖g‖, c): a relative difference of at most 1e-6/c;
-- float rounding: agreement is to float32 resolution, not bit for bit.
-With clip_norm ≤ clip_value value clipping never acts after norm clipping (|gᵢ| ≤ ‖g‖ ≤ clip_norm);
-the authors' 10 and 10 are such a pair, kept so that the update reads as theirs.
-
-p.grad is left as the caller wrote it: the decayed and clipped gradient lives in temporaries, as in
-torch.optim.Adam(weight_decay=...), so logging or inspecting .grad after step() sees the raw gradient.
-step() never reads a tensor's value on the host (no .item()), so it does not synchronise a GPU.
-Standalone: imports torch and the standard library only.
+step() takes the gradients in p.grad, which already hold the pull λ_t(θ − θ_anchor) (projection.py),
+and applies in this order: coupled weight decay g + w·θ → clip the global norm over all tensors →
+clip each value → Adam with Keras' ε, which is added before the bias correction (PAPER.md §7):
+    θ ← θ − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)          epsilon="keras" (default)
+    θ ← θ − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε)          epsilon="torch" (torch.optim.Adam's placement)
+p.grad is left as the caller wrote it (the decayed, clipped gradients are temporaries), and step()
+reads no value on the host, so it does not synchronise a GPU. Each step works on lists of tensors
+with torch._foreach_* (one call for all tensors instead of one per tensor).
 """
 import math
 import numbers
@@ -38,43 +19,23 @@ from torch import Tensor
 EPSILON_PLACEMENTS = ("keras", "torch")
 GROUP_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay"}
 
-
-def check_hyperparameters(lr, betas, eps, weight_decay, where: str) -> None:
-    """lr > 0, 0 ≤ β₁, β₂ < 1, eps > 0, weight_decay ≥ 0; a ValueError names the argument and where."""
-    def real(x) -> bool:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-    if not (real(lr) and lr > 0):
-        raise ValueError(f"{where}: lr must be a finite number > 0, got {lr!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(real(b) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
-    if not (real(eps) and eps > 0):
-        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
-    if not (real(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got {weight_decay!r}")
-
-
-def check_clip(value, name: str) -> None:
-    if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"KerasAdam: {name} must be a number > 0 or None, got {value!r}")
+# --------------------------------------------------------------------------- the four stages of the update (§2)
 
 
 def coupled_weight_decay(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[Tensor]:
-    # g + w·θ, new tensors: the L2 term's gradient, added before clipping (PAPER.md §2)
+    # g + w·θ, as new tensors: the L2 term's gradient, added before clipping
     if weight_decay == 0:
         return [g.clone() for g in grads]
     return torch._foreach_add(grads, params, alpha=weight_decay)
 
 
-def clip_global_norm_(grads: list[Tensor], max_norm: float) -> Tensor:
+def clip_global_norm_(grads: list[Tensor], max_norm: float) -> None:
     # g ← g·min(1, c/(‖g‖ + 1e-6)), ‖g‖ over all tensors together (torch.nn.utils.clip_grad_norm_'s formula)
     first = grads[0].device
     norm = torch.linalg.vector_norm(torch.stack([n.to(first) for n in torch._foreach_norm(grads)]))
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # a tensor: no host synchronisation
     for device in dict.fromkeys(g.device for g in grads):
         torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
-    return norm
 
 
 def clip_values_(grads: list[Tensor], max_value: float) -> None:
@@ -106,6 +67,8 @@ def adam_update_(params: list[Tensor], m: list[Tensor], v: list[Tensor], steps: 
     torch._foreach_add_(denominator, eps)
     torch._foreach_addcdiv_(params, m, denominator, step_sizes)
 
+# --------------------------------------------------------------------------- the optimiser
+
 
 class KerasAdam(torch.optim.Optimizer):
     """Coupled weight decay → global-norm clip → value clip → Adam with Keras' ε (PAPER.md §2, §7).
@@ -113,17 +76,18 @@ class KerasAdam(torch.optim.Optimizer):
     Param groups may override lr, betas, eps and weight_decay (weight_decay = 0 for BatchNorm's
     tensors, a larger lr for some baselines' proxies). clip_norm and clip_value act on all groups'
     gradients together and are None to skip. State per tensor: step (int), exp_avg, exp_avg_sq.
+    Unlike Keras, t counts each tensor's own updates (the same while every tensor gets a gradient at
+    every step), and the global norm is clipped with torch's formula, not tf.clip_by_global_norm's.
     """
 
     def __init__(self, params: Iterable, lr: float, betas=(0.9, 0.999), eps: float = 1e-7,
                  weight_decay: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
                  epsilon: str = "keras"):
-        check_hyperparameters(lr, betas, eps, weight_decay, "KerasAdam")
-        check_clip(clip_norm, "clip_norm")
-        check_clip(clip_value, "clip_value")
-        if epsilon not in EPSILON_PLACEMENTS:
-            raise ValueError(f"KerasAdam: epsilon must be one of {EPSILON_PLACEMENTS}, got {epsilon!r}")
+        for name, value in (("clip_norm", clip_norm), ("clip_value", clip_value)):
+            _expect("KerasAdam", value is None or (_is_number(value) and value > 0), f"{name} > 0 or None", repr(value))
+        _expect("KerasAdam", epsilon in EPSILON_PLACEMENTS, f"epsilon to be one of {EPSILON_PLACEMENTS}", repr(epsilon))
         self.clip_norm, self.clip_value, self.epsilon = clip_norm, clip_value, epsilon
+        _check_hyperparameters("KerasAdam", lr, betas, eps, weight_decay)  # each group's again in add_param_group
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def __getstate__(self) -> dict:
@@ -132,21 +96,12 @@ class KerasAdam(torch.optim.Optimizer):
                                          "epsilon": self.epsilon}
 
     def add_param_group(self, param_group: dict) -> None:
+        where = f"KerasAdam param group {len(self.param_groups)}"
         unknown = sorted(set(param_group) - GROUP_KEYS)
-        if unknown:
-            raise ValueError(f"KerasAdam param group {len(self.param_groups)}: unknown keys {unknown}, "
-                             f"expected some of {sorted(GROUP_KEYS)}")
+        _expect(where, not unknown, f"keys among {sorted(GROUP_KEYS)}", f"the unknown keys {unknown}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                              f"KerasAdam param group {len(self.param_groups) - 1}")
-
-    def gradients(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """The group's tensors that have a gradient, and their decayed gradients (new tensors)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
-            raise ValueError("KerasAdam: sparse gradients are not supported; use dense embeddings")
-        return params, coupled_weight_decay([p.grad for p in params], params, group["weight_decay"])
+        _check_hyperparameters(where, group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -155,18 +110,26 @@ class KerasAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = [self.gradients(group) for group in self.param_groups]
-        grads = [g for _, group_grads in gathered for g in group_grads]
-        if not grads:
+        groups = self.groups_with_gradients()
+        if not groups:
             return loss
+        grads = [coupled_weight_decay([p.grad for p in params], params, group["weight_decay"])  # 1. g + w·θ
+                 for group, params in groups]
+        every = [g for group_grads in grads for g in group_grads]
         if self.clip_norm is not None:
-            clip_global_norm_(grads, self.clip_norm)
+            clip_global_norm_(every, self.clip_norm)  # 2. the global norm, over all groups together
         if self.clip_value is not None:
-            clip_values_(grads, self.clip_value)
-        for group, (params, group_grads) in zip(self.param_groups, gathered):
-            if params:
-                self.adam(group, params, group_grads)
+            clip_values_(every, self.clip_value)  # 3. each value
+        for (group, params), group_grads in zip(groups, grads):
+            self.adam(group, params, group_grads)  # 4. Adam with Keras' ε (or torch's)
         return loss
+
+    def groups_with_gradients(self) -> list[tuple[dict, list[Tensor]]]:
+        """Each group with its tensors that have a gradient; groups without any are left out."""
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        _expect("KerasAdam", not any(p.grad.is_sparse for _, params in groups for p in params),
+                "dense gradients (use dense embeddings)", "a sparse gradient")
+        return [(group, params) for group, params in groups if params]
 
     def adam(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """Adam on one group's tensors with their clipped gradients; t counts this tensor's updates."""
@@ -182,3 +145,25 @@ class KerasAdam(torch.optim.Optimizer):
         adam_moments_(m, v, grads, group["betas"])
         adam_update_(params, m, v, [s["step"] for s in states], group["lr"], group["betas"], group["eps"],
                      self.epsilon)
+
+# --------------------------------------------------------------------------- input checks (constructor, param groups)
+
+
+def _expect(where: str, ok: bool, expected: str, got: str) -> None:
+    """The one way a check fails: ValueError("<where>: expected <expected>, got <got>")."""
+    if not ok:
+        raise ValueError(f"{where}: expected {expected}, got {got}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_hyperparameters(where: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    # the ranges' finite upper ends also refuse inf and NaN
+    _expect(where, _is_number(lr) and 0 < lr < math.inf, "lr, a finite number > 0", repr(lr))
+    _expect(where, isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas), "betas, two numbers in [0, 1)", repr(betas))
+    _expect(where, _is_number(eps) and 0 < eps < math.inf, "eps, a finite number > 0", repr(eps))
+    _expect(where, _is_number(weight_decay) and 0 <= weight_decay < math.inf, "weight_decay, a finite number >= 0",
+            repr(weight_decay))

@@ -23,6 +23,11 @@ def ref_unit(u):
     return [a / norm for a in u]
 
 
+def ref_lipschitz(u):
+    """n(u) = u / max(1, ‖u‖) (PAPER.md §3)."""
+    return [a / max(1.0, math.sqrt(ref_dot(u, u))) for a in u]
+
+
 def ref_mean_nonzero(terms):
     positive = [t for t in terms if t > 0]
     return sum(positive) / len(positive) if positive else 0.0
@@ -102,34 +107,38 @@ def close(value, expected, tol=1e-10):
 # --------------------------------------------------------------------------- normalisation
 
 
-def test_lipschitz_normalize_values_and_zero():
-    x = torch.tensor([[0.3, 0.4], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    out = losses.lipschitz_normalize(x)
-    assert out.flatten().tolist() == pytest.approx([0.3, 0.4, 0.6, 0.8, 0.0, 0.0])
-    out.sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert x.grad[2].tolist() == [1.0, 1.0]  # identity inside the ball, also at 0
+@pytest.mark.parametrize("name, reference", [("lipschitz", ref_lipschitz), ("l2", ref_unit)])
+def test_normalizations_match_reference(name, reference):
+    # rows inside the ball, outside it and on the sphere
+    norms = torch.tensor([0.2, 0.7, 1.0, 1.5, 3.0, 10.0], dtype=torch.float64)[:, None]
+    x = losses.l2_normalize(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))) * norms
+    for row, orig in zip(losses.NORMALIZATIONS[name](x).tolist(), x.tolist()):
+        assert row == pytest.approx(reference(orig), rel=1e-12)
 
 
-@pytest.mark.parametrize("scale", [0.5, 1.7])
-def test_lipschitz_normalize_gradcheck_inside_and_outside(scale):
-    x = losses.l2_normalize(torch.randn(5, 4, dtype=torch.float64)) * scale
-    assert torch.autograd.gradcheck(losses.lipschitz_normalize, (x.requires_grad_(),))
-
-
-def test_lipschitz_normalize_on_the_sphere_is_identity():
-    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+def test_lipschitz_normalize_at_zero_and_on_the_sphere_has_the_identity_gradient():
+    # the authors' mask is ‖x‖ > 1 (PAPER.md §3): at 0 and on the sphere itself the Jacobian is I
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
     jacobian = torch.autograd.functional.jacobian(losses.lipschitz_normalize, x)
-    assert torch.equal(jacobian, torch.eye(6, dtype=torch.float64).view(2, 3, 2, 3))
+    assert torch.equal(jacobian, torch.eye(9, dtype=torch.float64).view(3, 3, 3, 3))
 
 
-def test_l2_normalize_values_and_gradcheck():
-    x = torch.randn(5, 4, dtype=torch.float64)
-    out = losses.l2_normalize(x)
-    for row, orig in zip(out.tolist(), x.tolist()):
-        assert row == pytest.approx(ref_unit(orig))
-    assert torch.autograd.gradcheck(losses.l2_normalize, (x.requires_grad_(),))
-    assert losses.NORMALIZATIONS == {"lipschitz": losses.lipschitz_normalize, "l2": losses.l2_normalize}
+def test_normalizations_gradcheck_inside_and_outside_the_ball():
+    # norms 0.3–0.8 and 1.3–1.8: away from the sphere, where n is not differentiable
+    scale = torch.tensor([0.3, 1.3, 0.8, 1.8], dtype=torch.float64)[:, None]
+    x = (losses.l2_normalize(torch.randn(4, 3, dtype=torch.float64)) * scale).requires_grad_()
+    for fn in losses.NORMALIZATIONS.values():
+        assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_lipschitz_normalize_backward_matches_autograd_of_the_formula():
+    # the hand-written backward against autograd through x / max(1, ‖x‖), on norms 0.1–3
+    x = torch.randn(50, 7, dtype=torch.float64) * torch.linspace(0.1, 3, 50, dtype=torch.float64)[:, None]
+    g = torch.randn(50, 7, dtype=torch.float64)
+    norm = x.requires_grad_().norm(dim=1, keepdim=True)
+    expected = torch.autograd.grad(x / torch.where(norm > 1, norm, 1.0), x, g)[0]
+    actual = torch.autograd.grad(losses.lipschitz_normalize(x), x, g)[0]
+    assert torch.allclose(actual, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_pairwise_distance_exact_zero_for_duplicates():
@@ -141,11 +150,6 @@ def test_pairwise_distance_exact_zero_for_duplicates():
             assert float(d[i, j]) == (0.0 if i == k else pytest.approx(expected, rel=1e-5))
 
 # --------------------------------------------------------------------------- the four losses vs references
-
-
-def test_losses_mapping():
-    assert losses.LOSSES == {"c1": losses.c1_contrastive, "c2": losses.c2_contrastive,
-                             "triplet": losses.triplet, "ms": losses.multi_similarity}
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -205,9 +209,8 @@ def test_duplicate_points(name, dtype):
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 @pytest.mark.parametrize("form", ["pair", "proxy"])
-@pytest.mark.parametrize("norm", sorted(losses.NORMALIZATIONS))
-def test_gradcheck_losses(name, form, norm):
-    n = losses.NORMALIZATIONS[norm]
+def test_gradcheck_losses_through_n(name, form):
+    n = losses.lipschitz_normalize
     g = torch.Generator().manual_seed(7)
     # raw rows with norms 0.3–0.8 and 1.3–1.8: away from the sphere where n is not differentiable
     scale = torch.tensor([0.3, 1.3, 0.6, 1.6, 0.8, 1.8, 0.5, 1.5]).double()[:, None]
@@ -237,7 +240,7 @@ def test_large_alpha_beta_stay_finite(dtype):
 
 
 def test_triplet_proxy_form_does_not_build_n_m_m():
-    n, classes, per_class, d = 4, 3000, 4, 8
+    n, classes, per_class, d = 4, 250, 4, 8
     g = torch.Generator().manual_seed(9)
     x = losses.l2_normalize(torch.randn(n, d, generator=g)).requires_grad_()
     p = losses.l2_normalize(torch.randn(classes * per_class, d, generator=g))
@@ -253,52 +256,13 @@ def test_triplet_proxy_form_does_not_build_n_m_m():
     m = classes * per_class
     assert max(largest) <= n * per_class * m < n * m * m // 100
 
+
 def test_positive_slots_list_each_rows_positives_in_order():
     pos = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     index, valid = losses._positive_slots(pos)
     assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
     assert index[valid].tolist() == [1, 3, 4, 0]
     assert 0 <= index.min() and index.max() < pos.shape[1]  # empty slots too: every slot can be gathered
-
-
-def test_lipschitz_normalize_backward_matches_autograd_of_the_formula():
-    x = torch.randn(50, 7, dtype=torch.float64) * torch.linspace(0.1, 3, 50, dtype=torch.float64)[:, None]
-    g = torch.randn(50, 7, dtype=torch.float64)
-    norm = x.requires_grad_().norm(dim=1, keepdim=True)
-    expected = torch.autograd.grad(x / torch.where(norm > 1, norm, 1.0), x, g)[0]
-    actual = torch.autograd.grad(losses.lipschitz_normalize(x), x, g)[0]
-    assert torch.allclose(actual, expected, rtol=1e-12, atol=1e-12)
-
-
-# --------------------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize("name", sorted(losses.LOSSES))
-def test_bad_input_raises(name):
-    fn = losses.LOSSES[name]
-    x, y = unit_ball(4, 3, 10), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match="1-D integer tensor of length 4"):
-        fn(x, y[:3])
-    with pytest.raises(ValueError, match="1-D integer tensor"):
-        fn(x, y.double())
-    with pytest.raises(ValueError, match="2-D floating tensor"):
-        fn(x[0], y)
-    with pytest.raises(ValueError, match=r"share dimension.*\(4, 3\).*references as a tensor of shape \(4, 5\)"):
-        fn(x, y, unit_ball(4, 5, 11), y)
-    with pytest.raises(ValueError, match="share dimension, dtype.*float64.*float32"):
-        fn(x, y, x.float(), y)
-    with pytest.raises(ValueError, match="ref and ref_y come together"):
-        fn(x, y, x)
-    with pytest.raises(ValueError, match="at least one row"):
-        fn(x[:0], y[:0])
-    bad = x.clone()
-    bad[1, 0], bad[3, 2] = float("nan"), float("inf")
-    with pytest.raises(ValueError, match=r"2 row\(s\) with NaN or inf \(first: row 1\)"):
-        fn(bad, y)
-    with pytest.raises(ValueError, match="references have 2 row"):
-        fn(x, y, bad, y)
-    huge = torch.full((4, 3), 6e4, dtype=torch.float16)  # finite rows whose float16 sum overflows
-    assert fn(huge, y).dtype == torch.float16
 
 # --------------------------------------------------------------------------- proxies and CCPLoss
 
@@ -312,22 +276,12 @@ def test_proxies_layout_init_and_reset():
     assert torch.equal(proxies.weight, again.weight)
     assert 0.8 < float(proxies.weight.detach().std() * math.sqrt(64)) < 1.2  # N(0, 1/d)
 
-    optimizer = torch.optim.Adam(proxies.parameters(), lr=0.1)
-    proxies.weight.sum().backward()
-    optimizer.step()
-    parameter, moments = proxies.weight, optimizer.state[proxies.weight]["exp_avg"].clone()
+    parameter = proxies.weight  # the optimiser's state is keyed by this object: reset must keep it
     new = torch.randn(5, 3, 64)
     proxies.reset(new)
     assert proxies.weight is parameter and torch.equal(proxies.weight.detach(), new.view(15, 64))
-    assert torch.equal(optimizer.state[proxies.weight]["exp_avg"], moments)
     proxies.reset(new.view(15, 64) * 2)
-    assert torch.equal(proxies.weight.detach(), new.view(15, 64) * 2)
-    with pytest.raises(ValueError, match=r"shape \(15, 64\) or \(5, 3, 64\)"):
-        proxies.reset(torch.zeros(15, 63))
-    with pytest.raises(ValueError, match="NaN or inf"):
-        proxies.reset(torch.full((15, 64), float("nan")))
-    with pytest.raises(ValueError, match="per_class > 0"):
-        losses.Proxies(5, 0, 64)
+    assert proxies.weight is parameter and torch.equal(proxies.weight.detach(), new.view(15, 64) * 2)
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -350,19 +304,6 @@ def test_ccp_loss_matches_its_definition(name):
     l2 = losses.CCPLoss(losses.LOSSES[name], proxies, normalize=losses.l2_normalize, **params)
     z, p = losses.l2_normalize(raw), losses.l2_normalize(proxies.weight.detach())
     close(l2(raw, y), 0.1 * REFERENCES[name](z, y, **params) + REFERENCES[name](z, y, p, proxies.labels, **params))
-
-
-def test_ccp_loss_bad_input():
-    proxies = losses.Proxies(3, 2, 4)
-    with pytest.raises(ValueError, match=r"accepts the parameters \['margin'\], got \['marg'\]"):
-        losses.CCPLoss(losses.triplet, proxies, marg=0.1)
-    ccp = losses.CCPLoss(losses.triplet, proxies)
-    with pytest.raises(ValueError, match=r"labels in \[0, 3\), got values from 0 to 3"):
-        ccp(torch.randn(4, 4), torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match="share dimension"):
-        ccp(torch.randn(4, 5), torch.tensor([0, 1, 2, 2]))
-    with pytest.raises(ValueError, match="Proxies module"):
-        losses.CCPLoss(losses.triplet, torch.randn(6, 4))
 
 # --------------------------------------------------------------------------- cross-batch memory
 
@@ -401,8 +342,6 @@ def test_xbm_schedule_waits_fills_then_switches_its_loss_on():
     x, y = batches[4]
     expected = ref_c2(losses.lipschitz_normalize(x), y, stored, torch.tensor([0, 1, 0, 1]), neg_margin=0.9)
     close(xbm.scheduled_loss(x, y), expected)
-    with pytest.raises(ValueError, match="start must be >= 0"):
-        losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=-1)
 
 
 def ring_reference(batches, size):
@@ -437,28 +376,7 @@ def test_xbm_wrap_around_and_state_dict_round_trip():
     close(restored(x, y), expected, tol=1e-5)
     assert torch.equal(xbm.memory, restored.memory) and int(xbm.pointer) == int(restored.pointer)
 
-
-def test_xbm_bad_input():
-    with pytest.raises(ValueError, match="memory_size > 0"):
-        losses.CrossBatchMemory(losses.c1_contrastive, 4, 0)
-    with pytest.raises(ValueError, match="accepts the parameters"):
-        losses.CrossBatchMemory(losses.c1_contrastive, 4, 8, alpha=2.0)
-    xbm = losses.CrossBatchMemory(losses.c1_contrastive, 4, 8)
-    with pytest.raises(ValueError, match=r"enqueue: expected the embeddings and the memory to share dimension"):
-        xbm(torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="1-D integer tensor of length 2"):
-        xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1, 2]))
-    xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"share dimension.*\(3, 5\)"):
-        xbm(torch.randn(3, 5), torch.tensor([0, 1, 1]))
-    assert len(xbm) == 2
-
 # --------------------------------------------------------------------------- baselines
-
-
-def ref_lipschitz(u):
-    """n(u) = u / max(1, ‖u‖) (PAPER.md §3)."""
-    return [a / max(1.0, math.sqrt(ref_dot(u, u))) for a in u]
 
 
 # the baselines' normalisations: the default n(x) (the authors' framework, PAPER.md §7) and x/‖x‖
@@ -518,16 +436,16 @@ def baseline_data(seed):
     return torch.randn(7, 5, generator=g, dtype=torch.float64) * scale, torch.tensor([0, 0, 2, 2, 3, 1, 1])
 
 
-def check_baseline(loss, x, y, expected):
+def check_baseline(loss, x, y, expected, gradcheck):
     close(loss(x, y), expected)
-    # fast mode checks random directional derivatives: 30x cheaper for these 12 cases, and the full
-    # gradients are compared with the authors' in test_golden.py
-    assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
-                                    (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()),
-                                    fast_mode=True)
+    if gradcheck:  # fast mode: random directional derivatives (test_golden.py compares full gradients)
+        assert torch.autograd.gradcheck(lambda a, p: torch.func.functional_call(loss, {"proxies": p}, (a, y)),
+                                        (x.requires_grad_(), loss.proxies.detach().clone().requires_grad_()),
+                                        fast_mode=True)
 
 
-# each baseline in its default settings (the authors' framework) and in its own paper's
+# each baseline in its default settings (the authors' framework, PAPER.md §7: no switch passed) and in its
+# own paper's; the gradient is checked once per setting
 @pytest.mark.parametrize("normalize, push_over_all_proxies", [("lipschitz", False), ("l2", True)])
 @pytest.mark.parametrize("margin, alpha, one_class", [(0.1, 32.0, False), (0.0, 4.0, False), (0.1, 32.0, True)])
 def test_proxy_anchor_matches_reference(margin, alpha, one_class, normalize, push_over_all_proxies):
@@ -535,21 +453,25 @@ def test_proxy_anchor_matches_reference(margin, alpha, one_class, normalize, pus
     if one_class:  # the batch's class has no negative: the push counts differ (5 proxies or 6)
         y = torch.full_like(y, 2)
     fn, unit = BASELINE_NORMALIZE[normalize]
+    switches = {} if normalize == "lipschitz" else {"normalize": fn, "push_over_all_proxies": True}
     loss = losses.ProxyAnchor(6, 5, margin=margin, alpha=alpha, generator=torch.Generator().manual_seed(0),
-                              normalize=fn, push_over_all_proxies=push_over_all_proxies).double()
+                              **switches).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (6, 5)
     expected = ref_proxy_anchor(x, y, loss.proxies.detach(), margin, alpha, unit, push_over_all_proxies)
-    check_baseline(loss, x, y, expected)
+    check_baseline(loss, x, y, expected, gradcheck=alpha == 4.0)
 
 
 @pytest.mark.parametrize("normalize, logits", [("lipschitz", "similarity"), ("l2", "squared_distance")])
-@pytest.mark.parametrize("temperature", [0.11, 1.0])
+@pytest.mark.parametrize("temperature", [None, 1.0])
 def test_proxy_nca_plus_plus_matches_reference(temperature, normalize, logits):
     x, y = baseline_data(15)
     fn, unit = BASELINE_NORMALIZE[normalize]
-    loss = losses.ProxyNCAPlusPlus(4, 5, temperature=temperature, normalize=fn, logits=logits).double()
+    switches = {} if normalize == "lipschitz" else {"normalize": fn, "logits": logits}
+    loss = losses.ProxyNCAPlusPlus(4, 5, **({} if temperature is None else {"temperature": temperature}),
+                                   **switches).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4, 5)
-    check_baseline(loss, x, y, ref_proxy_nca(x, y, loss.proxies.detach(), temperature, unit, logits))
+    expected = ref_proxy_nca(x, y, loss.proxies.detach(), temperature or 0.11, unit, logits)
+    check_baseline(loss, x, y, expected, gradcheck=temperature is None)
 
 
 @pytest.mark.parametrize("normalize, center_regularizer", [("lipschitz", "normalized"), ("l2", "raw")])
@@ -558,26 +480,11 @@ def test_proxy_nca_plus_plus_matches_reference(temperature, normalize, logits):
 def test_soft_triple_matches_reference(K, la, gamma, tau, margin, normalize, center_regularizer):
     x, y = baseline_data(16)
     fn, unit = BASELINE_NORMALIZE[normalize]
-    loss = losses.SoftTriple(4, 5, centers_per_class=K, la=la, gamma=gamma, tau=tau, margin=margin,
-                             normalize=fn, center_regularizer=center_regularizer).double()
+    switches = {} if normalize == "lipschitz" else {"normalize": fn, "center_regularizer": center_regularizer}
+    loss = losses.SoftTriple(4, 5, centers_per_class=K, la=la, gamma=gamma, tau=tau, margin=margin, **switches).double()
     assert [name for name, _ in loss.named_parameters()] == ["proxies"] and loss.proxies.shape == (4 * K, 5)
     expected = ref_soft_triple(x, y, loss.proxies.detach(), 4, K, la, gamma, tau, margin, unit, center_regularizer)
-    check_baseline(loss, x, y, expected)
-
-
-def test_baseline_defaults_are_the_authors():
-    # PAPER.md §7: n(x), Proxy-Anchor's push over the proxies with a negative, ProxyNCA++ similarity
-    # logits at the shipped scale 1/0.11, SoftTriple's finite (normalised) regulariser
-    for loss in (losses.ProxyAnchor(3, 4), losses.ProxyNCAPlusPlus(3, 4), losses.SoftTriple(3, 4)):
-        assert loss.normalize is losses.lipschitz_normalize
-    assert losses.ProxyAnchor(3, 4).push_over_all_proxies is False
-    nca = losses.ProxyNCAPlusPlus(3, 4)
-    assert (nca.temperature, nca.logits) == (0.11, "similarity")
-    assert losses.SoftTriple(3, 4).center_regularizer == "normalized"
-    with pytest.raises(ValueError, match="logits to be one of"):
-        losses.ProxyNCAPlusPlus(3, 4, logits="cosine")
-    with pytest.raises(ValueError, match="center_regularizer to be one of"):
-        losses.SoftTriple(3, 4, center_regularizer="unit")
+    check_baseline(loss, x, y, expected, gradcheck=K == 3)
 
 
 def test_soft_triple_raw_regularizer_stays_finite_where_the_authors_is_nan():
@@ -591,14 +498,99 @@ def test_soft_triple_raw_regularizer_stays_finite_where_the_authors_is_nan():
     with torch.no_grad():
         assert float(loss.regularizer(loss.normalize(loss.proxies), loss.proxies)) == pytest.approx(2 ** 0.5 / 4)
 
+# --------------------------------------------------------------------------- bad input: one test per kind of error
+
+
+def raises_one_line(call, match):
+    with pytest.raises(ValueError, match=match) as error:
+        call()
+    assert "\n" not in str(error.value)
+
+
+X4, Y4 = unit_ball(4, 3, 10), torch.tensor([0, 0, 1, 1])
+MALFORMED = {  # a call of a loss ℓ(x, y, ref, ref_y) -> the message it must raise
+    "short labels": (lambda fn: fn(X4, Y4[:3]), r"the labels of embeddings as a 1-D integer tensor of length 4"),
+    "float labels": (lambda fn: fn(X4, Y4.double()), "1-D integer tensor"),
+    "1-D embeddings": (lambda fn: fn(X4[0], Y4), "2-D floating tensor"),
+    "no rows": (lambda fn: fn(X4[:0], Y4[:0]), "non-empty"),
+    "references of another dimension": (lambda fn: fn(X4, Y4, unit_ball(4, 5, 11), Y4),
+                                        r"references in the dimension.*\(4, 3\).*got a tensor of shape \(4, 5\)"),
+    "references of another dtype": (lambda fn: fn(X4, Y4, X4.float(), Y4), r"float64.*got.*float32"),
+    "ref without ref_y": (lambda fn: fn(X4, Y4, X4), "ref and ref_y together or neither, got only ref"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_malformed_tensors_raise(name, case):
+    call, match = MALFORMED[case]
+    raises_one_line(lambda: call(losses.LOSSES[name]), rf"^{losses.LOSSES[name].__name__}: expected .*{match}")
+
+
+def test_malformed_tensors_raise_in_the_modules():
+    raises_one_line(lambda: losses.CCPLoss(losses.triplet, losses.Proxies(3, 2, 4))(torch.randn(4, 5), Y4),
+                    "references in the dimension")
+    for loss in (losses.ProxyAnchor(3, 4), losses.ProxyNCAPlusPlus(3, 4), losses.SoftTriple(3, 4)):
+        raises_one_line(lambda: loss(torch.randn(2, 5), torch.tensor([0, 1])),
+                        r"^\w+: expected embeddings in the dimension, dtype and device of the proxies")
+    xbm = losses.CrossBatchMemory(losses.c1_contrastive, 4, 8)
+    raises_one_line(lambda: xbm(torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 1])),
+                    r"^CrossBatchMemory: expected embeddings in the dimension, dtype and device of the memory")
+    raises_one_line(lambda: xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1, 2])),
+                    r"^CrossBatchMemory.enqueue: .*length 2")
+    xbm.enqueue(torch.randn(2, 4), torch.tensor([0, 1]))
+    raises_one_line(lambda: xbm(torch.randn(3, 5), torch.tensor([0, 1, 1])), r"got a tensor of shape \(3, 5\)")
+    assert len(xbm) == 2  # nothing stored by the refused calls
+    proxies = losses.Proxies(5, 3, 64)
+    raises_one_line(lambda: proxies.reset(torch.zeros(15, 63)), r"^Proxies.reset: .*shape \(15, 64\) or \(5, 3, 64\)")
+
+
+def with_bad_rows(x):
+    bad = x.clone()
+    bad[1, 0], bad[3, 2] = float("nan"), float("inf")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_non_finite_rows_raise(name):
+    fn = losses.LOSSES[name]
+    raises_one_line(lambda: fn(with_bad_rows(X4), Y4),
+                    r"finite embeddings, got 2 row\(s\) of 4 with NaN or inf \(first: row 1\)")
+    raises_one_line(lambda: fn(X4, Y4, with_bad_rows(X4), Y4), r"finite references, got 2 row\(s\)")
+    huge = torch.full((4, 3), 6e4, dtype=torch.float16)  # finite rows whose float16 sum overflows: no error
+    assert fn(huge, Y4).dtype == torch.float16
+
+
+def test_non_finite_rows_raise_in_the_modules():
+    nan = torch.full((2, 4), float("nan"))
+    for loss in (losses.ProxyAnchor(3, 4), losses.ProxyNCAPlusPlus(3, 4), losses.SoftTriple(3, 4),
+                 losses.CrossBatchMemory(losses.c1_contrastive, 4, 8),
+                 losses.CCPLoss(losses.c1_contrastive, losses.Proxies(3, 2, 4))):
+        raises_one_line(lambda: loss(nan, torch.tensor([0, 1])), r"finite embeddings, got 2 row\(s\) of 2")
+    raises_one_line(lambda: losses.Proxies(5, 3, 64).reset(torch.full((15, 64), float("nan"))),
+                    "Proxies.reset: expected finite new proxies")
+
 
 @pytest.mark.parametrize("make", [lambda: losses.ProxyAnchor(3, 4), lambda: losses.ProxyNCAPlusPlus(3, 4),
-                                  lambda: losses.SoftTriple(3, 4, centers_per_class=2)])
-def test_baselines_bad_input(make):
-    loss = make()
-    with pytest.raises(ValueError, match=r"labels in \[0, 3\)"):
-        loss(torch.randn(2, 4), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="share dimension"):
-        loss(torch.randn(2, 5), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="row"):
-        loss(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))
+                                  lambda: losses.SoftTriple(3, 4, centers_per_class=2),
+                                  lambda: losses.CCPLoss(losses.triplet, losses.Proxies(3, 2, 4))])
+def test_labels_out_of_range_raise(make):
+    raises_one_line(lambda: make()(torch.randn(4, 4), torch.tensor([0, 1, 2, 3])),
+                    r"expected labels in \[0, 3\), got values from 0 to 3")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: losses.Proxies(5, 0, 64), r"^Proxies: expected per_class > 0, got 0"),
+    (lambda: losses.CCPLoss(losses.triplet, losses.Proxies(3, 2, 4), marg=0.1),
+     r"^CCPLoss: expected parameters of triplet among \['margin'\], got \['marg'\]"),
+    (lambda: losses.CCPLoss(losses.triplet, torch.randn(6, 4)), "^CCPLoss: expected proxies as a Proxies module"),
+    (lambda: losses.CrossBatchMemory(losses.c1_contrastive, 4, 0), "memory_size > 0"),
+    (lambda: losses.CrossBatchMemory(losses.c1_contrastive, 4, 8, alpha=2.0), "parameters of c1_contrastive"),
+    (lambda: losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=-1), "start >= 0"),
+    (lambda: losses.ProxyAnchor(3, 4, alpha=0.0), "^ProxyAnchor: expected alpha > 0"),
+    (lambda: losses.ProxyNCAPlusPlus(3, 4, logits="cosine"), "logits to be one of .*got 'cosine'"),
+    (lambda: losses.SoftTriple(3, 4, center_regularizer="unit"), "center_regularizer to be one of"),
+    (lambda: losses.multi_similarity(X4, Y4, beta=-1.0), r"^multi_similarity: expected beta > 0, got -1.0"),
+])
+def test_bad_settings_raise(make, match):
+    raises_one_line(make, match)
