@@ -89,9 +89,7 @@ def make_deterministic(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     torch.use_deterministic_algorithms(True)
-    # deterministic mode also fills every new tensor with NaN, to expose ops that read memory they never
-    # wrote; none here does (tests/test_model.py trains with and without the fill to the same bits),
-    # and the fill is 3-4 % of a BN-Inception step on a CPU
+    # no NaN fill of every new tensor: it costs time, and no op here reads memory it did not write (tests/test_model.py)
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions and matrix products on CUDA:
@@ -99,15 +97,9 @@ def make_deterministic(seed: int) -> None:
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed memory for the next step instead of handing it back to the kernel.
-
-    By default glibc serves every block above 32 MiB (a BN-Inception step at batch 32 allocates over
-    a gigabyte of them) with its own mmap and unmaps it on free, so every step faults those pages in
-    again and the kernel zeroes them: 0.3-0.6 s of system time per step on a 2-core CPU, 4-13 % of
-    its wall time (README, Benchmarks). With mmap off and no trimming, the heap keeps its peak
-    and later steps reuse it. Addresses change nothing computed (torch aligns every tensor to 64
-    bytes either way). False, and nothing set, where the C library is not glibc.
-    """
+    """Let glibc's malloc keep freed memory for the next step instead of handing it back to the kernel,
+    which every step would then fault in again (README, Benchmarks). Changes nothing computed.
+    False, and nothing set, where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):  # no C library to load, or one without glibc's mallopt
@@ -174,14 +166,19 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None) -> dict:
     if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= state.keys():
         raise ConfigError(f"resume: {path} is not a checkpoint written by train.py "
                           f"(expected a dict with {', '.join(CHECKPOINT_KEYS)})")
-    if cfg is not None:
-        saved, wanted = flatten(state["config"]), flatten(cfg)
-        differ = [k for k in STATE_SHAPING_KEYS if saved.get(k) != wanted[k]]
-        if differ:
-            raise ConfigError(f"resume: {path} was trained with " + ", ".join(
-                f"{k}={saved.get(k)!r}" for k in differ) + " but the config says " + ", ".join(
-                f"{k}={wanted[k]!r}" for k in differ))
+    differ = None if cfg is None else _disagreement(flatten(state["config"]), flatten(cfg), STATE_SHAPING_KEYS)
+    if differ:
+        raise ConfigError(f"resume: {path} was trained with {differ}")
     return state
+
+
+def _disagreement(saved: dict, wanted: dict, keys: tuple[str, ...]) -> str:
+    """The keys whose values differ, as "k=saved, ... but the config says k=wanted, ..."; empty if none."""
+    differ = [k for k in keys if saved.get(k) != wanted[k]]
+    if not differ:
+        return ""
+    return (", ".join(f"{k}={saved.get(k)!r}" for k in differ) + " but the config says "
+            + ", ".join(f"{k}={wanted[k]!r}" for k in differ))
 
 
 RUN_FILES = ("last.pt", "results.json", "metrics.jsonl", "config.yaml")
@@ -315,12 +312,9 @@ def check_run_dir(cfg: dict, run_dir: Path) -> None:
                           f"another run_dir (nothing was overwritten)")
     saved_path = run_dir / "config.yaml"
     if cfg["resume"] is not None and saved_path.exists():
-        saved = yaml.safe_load(saved_path.read_text())
-        differ = [k for k in RUN_SHAPING_KEYS if saved.get(k) != cfg[k]]
+        differ = _disagreement(yaml.safe_load(saved_path.read_text()), cfg, RUN_SHAPING_KEYS)
         if differ:
-            raise ConfigError(f"resume: {run_dir} holds a run with " + ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-                              + " but the config says " + ", ".join(f"{k}={cfg[k]!r}" for k in differ)
-                              + "; start a new run_dir for other models")
+            raise ConfigError(f"resume: {run_dir} holds a run with {differ}; start a new run_dir for other models")
 
 
 def print_results(cfg: dict, results: dict, n_seeds: int, n_folds: int, run_dir: Path) -> None:

@@ -1,24 +1,14 @@
-"""Everything between files on disk and batches of tensors (PAPER.md §7, docs/DATASETS.md).
+"""Everything between files on disk and batches of tensors (PAPER.md §7, docs/DATASETS.md): readers of
+the four retrieval benchmarks as their archives unpack (CUB-200-2011, Cars196 in its three layouts,
+Stanford Online Products, In-Shop) and of `digits` (scikit-learn's bundled 8×8 digits, the demo's set);
+the class-disjoint splits and the MLRC folds of the training classes; the m-per-class batch sampler
+(m = 1: one image per class, for the baselines of §4); the train/eval transforms for BN-Inception and
+ResNet-50; and `python data.py download|check NAME --root DIR`.
 
-Owns:
-- the four retrieval benchmarks read from the archives users have (CUB-200-2011, Cars196 in its
-  three on-disk layouts, Stanford Online Products, In-Shop) plus `digits`, scikit-learn's bundled
-  8×8 handwritten digits, the embedded set of the demo and the tests (no download);
-- the class-disjoint zero-shot splits and the MLRC folds of the training classes (PAPER.md §7);
-- the m-per-class batch sampler (the authors' rounds over the classes, or independent draws), and
-  its one-image-per-class mode (m = 1) for the baselines (§4, §7);
-- train/eval transforms for BN-Inception (BGR, 0–255) and ResNet-50 (ImageNet mean/std);
-- `python data.py download NAME --root DIR` and `python data.py check NAME --root DIR`.
-
-Splits are by class; labels are 0-based and contiguous within a split (In-Shop's query and
-gallery share one mapping). digits: classes 0–5 form the "train" split (labels 0..5) and 6–9
-the "test" split (labels 0..3); with `mlrc_folds(range(6), 3)` fold 2 fits on digits 0–3 and
-validates on 4–5, two validation classes, because with one MAP@R would be trivially 1.
-
-Reproducibility: a dataset key is an index or an (index, seed) pair; with a seed the random
-transform runs on a CPU generator seeded with it, so an augmentation is a pure function of its
-seed, the same in every DataLoader worker, process and resumed run. The sampler hands out those
-seeds, and its batches are a pure function of (seed, epoch, batch number).
+Splits are by class; labels are 0-based and contiguous within a split (In-Shop's query and gallery
+share one mapping). A dataset key is an index or an (index, seed) pair: with a seed the random
+transform draws from a CPU generator seeded with it, so an augmentation, like the sampler's batches,
+is a pure function of its seed: the same in every DataLoader worker, process and resumed run.
 """
 from __future__ import annotations
 
@@ -107,10 +97,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int,
                  transform: Callable | None = None, images: torch.Tensor | None = None,
                  name: str = "") -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"RetrievalDataset {name}: {len(paths)} paths but {len(labels)} labels")
-        if images is not None and len(images) != len(labels):
-            raise ValueError(f"RetrievalDataset {name}: {len(images)} images but {len(labels)} labels")
+        if len(paths) != len(labels) or (images is not None and len(images) != len(labels)):
+            raise ValueError(f"RetrievalDataset {name}: {len(labels)} labels but {len(paths)} paths or images")
         self.paths = list(paths)
         self.labels = [int(label) for label in labels]
         self.num_classes = int(num_classes)
@@ -133,10 +121,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int]:
         """key = index, or (index, seed): then the transform draws from a CPU generator seeded
         with `seed`, so the augmentation is a pure function of the seed."""
-        index, seed = (key, None) if not isinstance(key, tuple) else self._split_key(key)
+        index, seed = key if isinstance(key, tuple) else (key, None)
         index = operator.index(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} items")
         item = self.images[index] if self.images is not None else load_image(self.paths[index])
         if self.transform is not None:
             if seed is None:
@@ -148,11 +134,6 @@ class RetrievalDataset(torch.utils.data.Dataset):
                     item = self.transform(item)
         return item, self.labels[index]
 
-    def _split_key(self, key: tuple) -> tuple[int, int]:
-        if len(key) != 2:
-            raise ValueError(f"{self.name}: a key is an index or (index, seed), got {key!r}")
-        return key[0], key[1]
-
 
 def _contiguous(class_ids: Sequence[int], universe: Sequence[int] | None = None) -> tuple[list[int], int]:
     """Map raw class ids to 0..C-1 in sorted order of the ids in `universe` (default: class_ids)."""
@@ -160,19 +141,28 @@ def _contiguous(class_ids: Sequence[int], universe: Sequence[int] | None = None)
     return [ranks[cid] for cid in class_ids], len(ranks)
 
 
-def _require_root(root: Path, name: str) -> None:
+def _need_file(path: Path, name: str, root: Path, note: str = "") -> Path:
+    """`path`, which must be a file: else one line naming it and how to get the dataset."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: expected {path}{note}; {_fetch_hint(name, root)}")
+    return path
+
+
+def _bad_line(path: Path, number: int, problem: str) -> ValueError:
+    return ValueError(f"{path}:{number}: {problem}")
+
+
+def _locate(root: Path, name: str, markers: Sequence[str], inner: Sequence[str] = ()) -> tuple[Path, str]:
+    """The first folder holding one of `markers` (root itself, a known inner folder, or root's parent),
+    and the marker found there."""
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: root folder {root} does not exist; {_fetch_hint(name, root)}")
-
-
-def _locate(root: Path, name: str, marker: str, inner: Sequence[str] = ()) -> Path:
-    """The folder holding `marker`: root itself, a known inner folder, or root's parent."""
-    _require_root(root, name)
     candidates = [root, *(root / sub for sub in inner), root.parent]
     for base in candidates:
-        if (base / marker).is_file():
-            return base
-    expected = " or ".join(str(base / marker) for base in candidates[:-1])
+        for marker in markers:
+            if (base / marker).is_file():
+                return base, marker
+    expected = " or ".join(str(base / marker) for base in candidates[:-1] for marker in markers)
     raise FileNotFoundError(f"{name}: expected {expected}; {_fetch_hint(name, root)}")
 
 
@@ -184,7 +174,7 @@ def _text_rows(path: Path, n_fields: int, skip: int = 0) -> Iterator[tuple[int, 
             if number <= skip or not fields:
                 continue
             if len(fields) != n_fields:
-                raise ValueError(f"{path}:{number}: expected {n_fields} fields, got {line.strip()!r}")
+                raise _bad_line(path, number, f"expected {n_fields} fields, got {line.strip()!r}")
             yield number, fields
 
 
@@ -192,20 +182,18 @@ def _int_field(path: Path, number: int, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{path}:{number}: expected an integer, got {text!r}") from None
+        raise _bad_line(path, number, f"expected an integer, got {text!r}") from None
 
 
 def _read_cub(root: Path, split: str) -> tuple[list[str], list[int]]:
     # classes 1-100 train, 101-200 test; train_test_split.txt is the classification split: ignored
-    base = _locate(root, "cub", "images.txt", inner=("CUB_200_2011",))
-    labels_file = base / "image_class_labels.txt"
-    if not labels_file.is_file():
-        raise FileNotFoundError(f"cub: expected {labels_file}; {_fetch_hint('cub', root)}")
+    base, _ = _locate(root, "cub", ("images.txt",), inner=("CUB_200_2011",))
+    labels_file = _need_file(base / "image_class_labels.txt", "cub", root)
     relative = {fields[0]: fields[1] for _, fields in _text_rows(base / "images.txt", 2)}
     items = []
     for number, (image_id, class_id) in _text_rows(labels_file, 2):
         if image_id not in relative:
-            raise ValueError(f"{labels_file}:{number}: image id {image_id} is not in {base / 'images.txt'}")
+            raise _bad_line(labels_file, number, f"image id {image_id} is not in {base / 'images.txt'}")
         items.append((str(base / "images" / relative[image_id]), _int_field(labels_file, number, class_id)))
     return _split_by_class(items, last_train_class=100, split=split)
 
@@ -233,27 +221,20 @@ def _mat_records(path: Path, variable: str, fields: Sequence[str]) -> list[dict]
 
 def _read_cars(root: Path, split: str) -> tuple[list[str], list[int]]:
     # three layouts (docs/DATASETS.md), all merged and split by class: 1-98 train, 99-196 test
-    _require_root(root, "cars")
-    for base in (root, root / "stanford_cars", root.parent):
-        if (base / "cars_annos.mat").is_file():
-            items = [(str(base / r["relative_im_path"]), int(r["class"]))
-                     for r in _mat_records(base / "cars_annos.mat", "annotations", ("relative_im_path", "class"))]
-            return _split_by_class(items, last_train_class=98, split=split)
-        if (base / "devkit" / "cars_train_annos.mat").is_file():
-            return _split_by_class(_cars_devkit(base), last_train_class=98, split=split)
-        if (base / "names.csv").is_file():
-            return _split_by_class(_cars_class_folders(base), last_train_class=98, split=split)
-    raise FileNotFoundError(
-        f"cars: expected {root / 'cars_annos.mat'} (original layout), {root / 'devkit' / 'cars_train_annos.mat'} "
-        f"(devkit layout) or {root / 'names.csv'} (class folders); {_fetch_hint('cars', root)}")
+    layouts = ("cars_annos.mat", "devkit/cars_train_annos.mat", "names.csv")  # original, devkit, class folders
+    base, marker = _locate(root, "cars", layouts, inner=("stanford_cars",))
+    if marker == "cars_annos.mat":
+        items = [(str(base / r["relative_im_path"]), int(r["class"]))
+                 for r in _mat_records(base / marker, "annotations", ("relative_im_path", "class"))]
+    else:
+        items = _cars_devkit(base) if marker == layouts[1] else _cars_class_folders(base)
+    return _split_by_class(items, last_train_class=98, split=split)
 
 
 def _cars_devkit(base: Path) -> list[tuple[str, int]]:
-    test_annos = next((p for p in (base / "cars_test_annos_withlabels.mat",
-                                   base / "devkit" / "cars_test_annos_withlabels.mat") if p.is_file()), None)
-    if test_annos is None:
-        raise FileNotFoundError(f"cars: expected {base / 'cars_test_annos_withlabels.mat'} (the test file "
-                                f"without labels is of no use); {_fetch_hint('cars', base)}")
+    places = (base / "cars_test_annos_withlabels.mat", base / "devkit" / "cars_test_annos_withlabels.mat")
+    test_annos = _need_file(next((p for p in places if p.is_file()), places[0]), "cars", base,
+                            " (the test file without labels is of no use)")
     items = []
     for folder, annos in (("cars_train", base / "devkit" / "cars_train_annos.mat"), ("cars_test", test_annos)):
         items += [(str(base / folder / r["fname"]), int(r["class"]))
@@ -266,18 +247,14 @@ def _cars_class_folders(base: Path) -> list[tuple[str, int]]:
         names = [line.strip() for line in handle if line.strip()]
     items = []
     for folder in ("train", "test"):
-        annos = base / f"anno_{folder}.csv"
-        if not annos.is_file():
-            raise FileNotFoundError(f"cars: expected {annos} beside {base / 'names.csv'}")
+        annos = _need_file(base / f"anno_{folder}.csv", "cars", base, f" beside {base / 'names.csv'}")
         with open(annos, newline="", encoding="utf-8-sig") as handle:
             for number, row in enumerate(csv.reader(handle), start=1):
                 if not row:
                     continue
-                if len(row) != 6:
-                    raise ValueError(f"{annos}:{number}: expected fname,x1,y1,x2,y2,class, got {row}")
-                class_id = _int_field(annos, number, row[5])
+                class_id = _int_field(annos, number, row[5]) if len(row) == 6 else 0
                 if not 1 <= class_id <= len(names):
-                    raise ValueError(f"{annos}:{number}: class {class_id} not in 1..{len(names)} of names.csv")
+                    raise _bad_line(annos, number, f"expected fname,x1,y1,x2,y2,class (1..{len(names)}), got {row}")
                 class_folder = names[class_id - 1].replace("/", "-")
                 items.append((str(base / "car_data" / "car_data" / folder / class_folder / row[0]), class_id))
     return items
@@ -285,10 +262,8 @@ def _cars_class_folders(base: Path) -> list[tuple[str, int]]:
 
 def _read_sop(root: Path, split: str) -> tuple[list[str], list[int]]:
     # Ebay_train.txt holds classes 1-11,318, Ebay_test.txt 11,319-22,634
-    base = _locate(root, "sop", "Ebay_train.txt", inner=("Stanford_Online_Products",))
-    listing = base / f"Ebay_{split}.txt"
-    if not listing.is_file():
-        raise FileNotFoundError(f"sop: expected {listing}; {_fetch_hint('sop', root)}")
+    base, _ = _locate(root, "sop", ("Ebay_train.txt",), inner=("Stanford_Online_Products",))
+    listing = _need_file(base / f"Ebay_{split}.txt", "sop", root)
     paths, class_ids = [], []
     for number, (_, class_id, _, relative) in _text_rows(listing, 4, skip=1):
         paths.append(str(base / relative))
@@ -298,16 +273,15 @@ def _read_sop(root: Path, split: str) -> tuple[list[str], list[int]]:
 
 def _read_inshop(root: Path, split: str) -> tuple[list[str], list[int], list[int]]:
     # line 1: row count, line 2: header, then "image_name item_id status"; paths relative to Img/
-    base = _locate(root, "inshop", "Eval/list_eval_partition.txt", inner=("In-shop Clothes Retrieval Benchmark",))
+    base, _ = _locate(root, "inshop", ("Eval/list_eval_partition.txt",), inner=("In-shop Clothes Retrieval Benchmark",))
     partition = base / "Eval" / "list_eval_partition.txt"
     rows = [fields for _, fields in _text_rows(partition, 3, skip=2)]
     with open(partition, encoding="utf-8") as handle:
         declared = handle.readline().strip()
-    if declared != str(len(rows)):
-        raise ValueError(f"{partition}:1: declares {declared!r} rows but {len(rows)} follow (truncated file?)")
-    statuses = {status for _, _, status in rows} - {"train", "query", "gallery"}
-    if statuses:
-        raise ValueError(f"{partition}: unknown evaluation_status {sorted(statuses)}, expected train/query/gallery")
+    statuses = sorted({status for _, _, status in rows})
+    if declared != str(len(rows)) or not set(statuses) <= set(SPLITS["inshop"]):
+        raise ValueError(f"{partition}: declares {declared!r} rows, {len(rows)} follow (truncated file?), "
+                         f"evaluation_status {statuses} (expected train, query, gallery)")
     chosen = [(str(base / "Img" / name), item) for name, item, status in rows if status == split]
     # query and gallery share one label mapping: the items of both
     universe = [item for _, item, status in rows if (status == "train") == (split == "train")]
@@ -332,15 +306,11 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str,
     root is the folder the archive was extracted into or the dataset's inner folder; it is
     ignored for digits. Warns when the counts differ from docs/DATASETS.md.
     """
-    if name not in SPLITS:
-        raise ValueError(f"build_dataset: unknown dataset {name!r}, expected one of {sorted(SPLITS)}")
-    if split not in SPLITS[name]:
-        raise ValueError(f"build_dataset: {name} has splits {SPLITS[name]}, got {split!r}")
+    if split not in SPLITS.get(name, ()) or (root is None and name != "digits"):
+        raise ValueError(f"build_dataset: no split {split!r} of {name!r} (known: {SPLITS}), or no root folder")
     if name == "digits":
         dataset = _digits(split)
     else:
-        if root is None:
-            raise ValueError(f"build_dataset: {name} needs a root folder, got None")
         root = Path(root).expanduser()
         if name == "inshop":
             paths, class_ids, universe = _read_inshop(root, split)
@@ -370,8 +340,7 @@ def class_subset(dataset: RetrievalDataset, classes: Sequence[int]) -> Retrieval
     wanted = sorted({int(c) for c in classes})
     missing = sorted(set(wanted) - set(dataset.labels))
     if not wanted or missing:
-        raise ValueError(f"class_subset: classes must be non-empty labels of {dataset.name}, "
-                         f"got {len(wanted)} classes of which {missing[:10]} are absent")
+        raise ValueError(f"class_subset: {len(wanted)} classes asked of {dataset.name}; not its labels: {missing[:10]}")
     rank = {c: r for r, c in enumerate(wanted)}
     keep = [i for i, label in enumerate(dataset.labels) if label in rank]
     subset = copy.copy(dataset)
@@ -391,11 +360,9 @@ def mlrc_folds(class_ids: Sequence[int], n_folds: int = 4) -> list[tuple[list[in
     (the authors' 1-based model k validates on block n - k: same folds, other order).
     """
     ids = sorted(int(c) for c in class_ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"mlrc_folds: class ids must be distinct, got {len(ids) - len(set(ids))} duplicates")
-    if n_folds < 2 or len(ids) < n_folds:
-        raise ValueError(f"mlrc_folds: need 2 <= n_folds <= number of classes, got n_folds={n_folds} "
-                         f"for {len(ids)} classes")
+    if len(set(ids)) != len(ids) or not 2 <= n_folds <= len(ids):
+        raise ValueError(f"mlrc_folds: need distinct class ids and 2 <= n_folds <= their number, got n_folds={n_folds} "
+                         f"for {len(ids)} class ids ({len(set(ids))} distinct)")
     bounds = [k * len(ids) // n_folds for k in range(n_folds + 1)]
     return [(ids[:bounds[k]] + ids[bounds[k + 1]:], ids[bounds[k]:bounds[k + 1]]) for k in range(n_folds)]
 
@@ -462,16 +429,10 @@ class MPerClassSampler:
     def __init__(self, labels: Sequence[int], m: int, classes_per_batch: int, length: int, seed: int,
                  *, order: str = "rounds") -> None:
         labels = np.asarray(labels)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"MPerClassSampler: labels must be a 1-D sequence of ints, got shape "
-                             f"{labels.shape} dtype {labels.dtype}")
-        for key, value in (("m", m), ("classes_per_batch", classes_per_batch), ("length", length)):
-            if value < 1:
-                raise ValueError(f"MPerClassSampler: {key} must be >= 1, got {value}")
         classes = np.unique(labels)
-        if len(classes) < classes_per_batch:
-            raise ValueError(f"MPerClassSampler: classes_per_batch={classes_per_batch} but the labels hold "
-                             f"only {len(classes)} classes")
+        if min(m, length) < 1 or not 1 <= classes_per_batch <= len(classes):
+            raise ValueError(f"MPerClassSampler: need m, length >= 1 and 1 <= classes_per_batch <= {len(classes)} (the "
+                             f"classes in labels), got m={m}, length={length}, classes_per_batch={classes_per_batch}")
         self.members = [np.flatnonzero(labels == c) for c in classes]
         self.m, self.classes_per_batch, self.length = m, classes_per_batch, length
         self.seed, self.epoch, self.start, self.order = 0, 0, 0, order
@@ -480,8 +441,7 @@ class MPerClassSampler:
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields batches start..length-1 of `epoch`."""
         if epoch < 0 or not 0 <= start <= self.length:
-            raise ValueError(f"MPerClassSampler.set_epoch: need epoch >= 0 and 0 <= start <= {self.length}, "
-                             f"got epoch={epoch} start={start}")
+            raise ValueError(f"MPerClassSampler: need epoch >= 0, 0 <= start <= {self.length}; got {epoch}, {start}")
         self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
@@ -493,9 +453,6 @@ class MPerClassSampler:
 
     def batch(self, epoch: int, b: int) -> list[tuple[int, int]]:
         """Batch b of `epoch`: classes_per_batch class visits, m (index, augmentation seed) keys each."""
-        if epoch < 0 or not 0 <= b < self.length:
-            raise ValueError(f"MPerClassSampler.batch: need epoch >= 0 and 0 <= b < {self.length}, "
-                             f"got epoch={epoch} b={b}")
         bits = np.random.PCG64(np.random.SeedSequence([self.seed, epoch, b]))
         if self.order == "rounds":
             indices = self._rounds_batch(epoch * self.length + b)
@@ -539,15 +496,11 @@ class MPerClassSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Adopt seed, order and position from `state`: they define the batches a resumed run continues."""
-        missing = {"seed", "epoch", "start", "order"} - set(state)
-        if missing:
-            raise ValueError(f"MPerClassSampler.load_state_dict: missing keys {sorted(missing)} in {sorted(state)}")
-        if state["seed"] < 0:
-            raise ValueError(f"MPerClassSampler: seed must be >= 0, got {state['seed']}")
-        if state["order"] not in SAMPLER_ORDERS:
-            raise ValueError(f"MPerClassSampler: order must be one of {SAMPLER_ORDERS}, got {state['order']!r}")
-        self.seed, self.order = int(state["seed"]), state["order"]
-        self.set_epoch(state["epoch"], state["start"])
+        seed, epoch, start, order = (state[key] for key in ("seed", "epoch", "start", "order"))
+        if seed < 0 or order not in SAMPLER_ORDERS:
+            raise ValueError(f"MPerClassSampler: need seed >= 0 and order in {SAMPLER_ORDERS}, got {seed}, {order!r}")
+        self.seed, self.order = int(seed), order
+        self.set_epoch(epoch, start)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -575,9 +528,6 @@ class RandomShift:
         self.max_shift = max_shift
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if not isinstance(image, torch.Tensor) or image.dim() != 3:
-            raise ValueError(f"RandomShift: expected a (C, H, W) tensor, got "
-                             f"{getattr(image, 'shape', type(image).__name__)}")
         s = self.max_shift
         dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
         padded = torch.nn.functional.pad(image, (s, s, s, s))
@@ -595,8 +545,6 @@ def build_transform(style: str, train: bool, crop_size: int = 227, resize: int =
         return RandomShift(1) if train else v2.Identity()
     if style not in ("bninception", "resnet"):
         raise ValueError(f"build_transform: unknown style {style!r}, expected bninception, resnet or digits")
-    if not 0 < crop_size <= resize:
-        raise ValueError(f"build_transform: need 0 < crop_size <= resize, got crop_size={crop_size} resize={resize}")
     if train:
         geometry = [v2.Resize(resize), v2.RandomResizedCrop(crop_size, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3)),
                     v2.RandomHorizontalFlip(0.5)]
@@ -652,10 +600,10 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, timeout:
     deleted and ValueError raised. An existing dest with the right MD5 is kept as is.
     """
     dest = Path(dest)
-    if dest.exists():
-        if md5 is None or file_md5(dest) == md5:
-            return dest
+    if dest.exists() and md5 is not None and file_md5(dest) != md5:
         raise ValueError(f"download: {dest} exists but its MD5 is not {md5}; delete it to download again")
+    if dest.exists():
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0

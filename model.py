@@ -1,34 +1,13 @@
-"""Backbones, the embedding head and pretrained-weight loading (PAPER.md §7).
+"""The embedding network f_θ of PAPER.md §7: a backbone's convolutional feature map, globally pooled,
+then one bias-free linear layer to d = 128 dimensions initialised Glorot-uniform (the MLRC protocol).
+It returns raw f(x): the normalisation n of PAPER.md §3 is the loss's and train.py's (docs/DESIGN.md).
 
-The embedding network f_θ of the paper is a backbone's convolutional feature map, globally pooled,
-followed by one bias-free linear layer to d = 128 dimensions initialised Glorot-uniform
-(PAPER.md §7, the MLRC protocol). The model returns raw f(x): the normalisation n of PAPER.md §3
-is applied by the loss and by train.py (DESIGN.md "Who normalises").
-
-Backbones, each with `feature_dim` and `features(x) -> (B, C, H, W)`:
-- `BNInception`: the Caffe BN-Inception with the layer names of the widely used PyTorch port, so its
-  ImageNet file (bn_inception-52deb4733.pth) loads without renaming. Input: BGR, 0–255, mean
-  (104, 117, 128), std 1 (data.py's transforms). features: (B, 1024, 7, 7) at 224×224 and at 227×227.
-- `ResNet50`: torchvision's ResNet-50 without its classifier, torchvision's state_dict keys.
-- `TinyCNN`, `MLP`: small networks for the 8×8 digits demo and the tests.
-
-`freeze_bn=True` (the paper's setting, PAPER.md §7) freezes every BatchNorm completely: γ and β
-get no gradient and the running statistics never change, because the BatchNorm modules stay in
-eval mode even under `model.train()`.
-
-Speed without changing what is computed (measured in benchmarks/bench_step.py):
-- BN-Inception folds each BatchNorm that is in eval mode (frozen, or evaluating) into its conv
-  (`fold_batchnorm`; backbone_kwargs {fold_bn: false} runs BatchNorm as its own op), which saves its
-  passes over the activations forward and backward; a block's 1×1 convs that read its input then run
-  as one, and its average-pool branch projects before pooling (`folded_heads`). Sums are formed in
-  another order, so results move by float32 rounding, no more.
-- `channels_last=True` keeps the conv weights and the input in channels_last (NHWC) memory, the layout
-  oneDNN's fastest CPU convolutions work in (NCHW costs a reorder before and after every conv).
-Neither changes the state_dict: the same keys, shapes and values, so a checkpoint loads into any of them.
-
-`build_model` is the seeded entry point: parameter initialisation runs under a forked CPU RNG
-seeded with `seed`, so the built weights are a pure function of the arguments. The constructors
-themselves draw from torch's global RNG, as every nn.Module does.
+Owns the backbones (BN-Inception with the layer names of the common PyTorch port of the Caffe model,
+torchvision's ResNet-50, the small TinyCNN and MLP of the digits demo), frozen BatchNorm (`freeze_bn`,
+the paper's setting), pretrained-weight loading and `build_model`, whose weights are a pure function
+of its arguments. BN-Inception's reference forward, in the port's layer order, comes first; its fast
+path (BatchNorm folded into the convs, a block's 1×1 convs run as one) follows it and moves results by
+float32 rounding only. Neither the fast path nor channels_last changes the state_dict.
 """
 from __future__ import annotations
 
@@ -50,11 +29,6 @@ POOLINGS = ("avg", "max")
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.")
 BNINCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
 BNINCEPTION_SOURCE = "the pretrained-models project for PyTorch (github.com/Cadene/pretrained-models.pytorch)"
-
-
-def _check_images(x: torch.Tensor, channels: int, where: str) -> None:
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{where}: expected images of shape (B, {channels}, H, W), got {tuple(x.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,21 +56,13 @@ def _pool(kind: str, x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 3, stride=2, ceil_mode=True)
 
 
-def fold_batchnorm(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of the one conv that equals eval-mode bn(conv(x)), differentiable in all four tensors.
-
-    bn(W∗x + b) = s·(W∗x + b − μ) + β with s = γ/√(σ² + ε): a conv with W' = s·W and b' = s·(b − μ) + β.
-    Saves BatchNorm's pass over the activations forward and backward; the state_dict is unchanged.
-    """
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return conv.weight * scale[:, None, None, None], (conv.bias - bn.running_mean) * scale + bn.bias
-
-
 class BNInception(nn.Module):
-    """BN-Inception with the PyTorch port's flat Caffe layer names (no classifier `last_linear`).
+    """BN-Inception with the PyTorch port's flat Caffe layer names (no classifier `last_linear`), so the
+    port's ImageNet file (bn_inception-52deb4733.pth) loads without renaming.
 
     Every conv `<name>` (with bias) is followed by BatchNorm `<name>_bn` (eps 1e-5, affine, tracked
-    statistics) and a ReLU. Expects BGR images in 0–255 minus the mean (104, 117, 128).
+    statistics) and a ReLU. Expects BGR images in 0–255 minus the mean (104, 117, 128) (data.CaffeBGR).
+    fold_bn=False runs every BatchNorm as its own op (the fast path below is off).
     """
 
     feature_dim = 1024
@@ -139,36 +105,58 @@ class BNInception(nn.Module):
         if b.pool_proj:
             self._add_unit(f"{b.name}_pool_proj", b.in_channels, b.pool_proj, 1)
 
-    def folds(self, bn: _BatchNorm) -> bool:
-        """Whether `bn` runs folded into its conv: asked for, and BatchNorm in eval mode (frozen, or evaluating)."""
-        return self.fold_bn and not bn.training
+    # -- the reference forward, in the port's layer order (each stem unit is followed by a max pool)
 
-    def conv_bn(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Caffe's conv `name` and its BatchNorm."""
-        conv, bn = getattr(self, name), getattr(self, name + "_bn")
-        if not self.folds(bn):
-            return bn(conv(x))
-        return F.conv2d(x, *fold_batchnorm(conv, bn), conv.stride, conv.padding)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, 1024, H', W'); 7×7 for H = W = 224 or 227."""
+        x = self.unit_max_pooled("conv1_7x7_s2", x)
+        x = self.unit_max_pooled("conv2_3x3", self.unit("conv2_3x3_reduce", x))
+        for b in self.BLOCKS:
+            x = self.block(b, x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def block(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
+        """Inception block `b`: its 1x1, 3x3, double 3x3 and pool branches, concatenated along channels."""
+        n = b.name
+        if self.fuses_heads(b):  # fast path: the 1×1 convs that read x run as one conv (below)
+            one, reduced, double_reduced, pool_branch = self.folded_heads(b, x)
+        else:
+            one = [self.unit(f"{n}_1x1", x)] if b.n1x1 else []
+            reduced, double_reduced = self.unit(f"{n}_3x3_reduce", x), self.unit(f"{n}_double_3x3_reduce", x)
+            pool_branch = None
+        three = self.unit(f"{n}_3x3", reduced)
+        double = self.unit(f"{n}_double_3x3_2", self.unit(f"{n}_double_3x3_1", double_reduced))
+        if pool_branch is None:
+            pooled = _pool(b.pool, x)
+            pool_branch = self.unit(f"{n}_pool_proj", pooled) if b.pool_proj else pooled
+        return torch.cat(one + [three, double, pool_branch], dim=1)
 
     def unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Caffe's conv → BatchNorm → ReLU unit `name`."""
         return F.relu(self.conv_bn(name, x), inplace=True)
 
-    def block(self, b: _Block, x: torch.Tensor) -> torch.Tensor:
-        """Inception block `b`: its branches concatenated along channels in the port's order."""
-        heads = self.heads(b)
-        if all(self.folds(getattr(self, name + "_bn")) for name in heads):
-            outputs = self.folded_heads(b, heads, x)
-        else:
-            outputs = [self.unit(name, x) for name in heads if not name.endswith("_pool_proj")]
-        reduces = 3 if b.n1x1 else 2  # the outputs that feed the 1x1 branch and the two 3x3 branches
-        reduced, pool_branch = outputs[:reduces], outputs[reduces:]
-        branches = reduced[:-2] + [self.unit(f"{b.name}_3x3", reduced[-2])]
-        branches.append(self.unit(f"{b.name}_double_3x3_2", self.unit(f"{b.name}_double_3x3_1", reduced[-1])))
-        if not pool_branch:
-            pooled = _pool(b.pool, x)
-            pool_branch = [self.unit(f"{b.name}_pool_proj", pooled) if b.pool_proj else pooled]
-        return torch.cat(branches + pool_branch, dim=1)
+    def conv_bn(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Caffe's conv `name` and its BatchNorm (as one conv where it `folds`: fast path, below)."""
+        conv, bn = getattr(self, name), getattr(self, name + "_bn")
+        if self.folds(bn):
+            return F.conv2d(x, *fold_batchnorm(conv, bn), conv.stride, conv.padding)
+        return bn(conv(x))
+
+    # -- fast path: the same function in fewer passes over the activations (benchmarks/bench_step.py).
+    # Sums are formed in another order, so results move by float32 rounding, no more.
+
+    def folds(self, bn: _BatchNorm) -> bool:
+        """Whether `bn` runs folded into its conv: asked for, and BatchNorm in eval mode (frozen, or evaluating)."""
+        return self.fold_bn and not bn.training
+
+    def unit_max_pooled(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The stem's unit `name`, then its 3×3 stride-2 max pool, the pool before the ReLU: max and ReLU
+        commute (ReLU is monotone), so values and gradients are the same bits, and the ReLU touches a
+        quarter of the values."""
+        return F.relu(_pool("max_s2", self.conv_bn(name, x)), inplace=True)
 
     @staticmethod
     def heads(b: _Block) -> list[str]:
@@ -177,38 +165,38 @@ class BNInception(nn.Module):
         names += [f"{b.name}_3x3_reduce", f"{b.name}_double_3x3_reduce"]
         return names + ([f"{b.name}_pool_proj"] if b.pool == "avg" else [])
 
-    def folded_heads(self, b: _Block, heads: list[str], x: torch.Tensor) -> list[torch.Tensor]:
-        """The `heads` units' outputs, and the whole average-pool branch, with BatchNorm folded, in fewer
-        passes over the activations:
+    def fuses_heads(self, b: _Block) -> bool:
+        """Whether block `b`'s heads run as one conv: every one of them folds."""
+        return all(self.folds(getattr(self, name + "_bn")) for name in self.heads(b))
+
+    def folded_heads(self, b: _Block, x: torch.Tensor) -> tuple:
+        """Block `b`'s 1x1 outputs (a list, empty in reduction blocks), both reduces and, after an average
+        pool, its whole pool branch (else None), BatchNorm folded, with fewer passes over the activations:
 
         - the heads run as one 1×1 conv with their weights stacked: one pass over x forward, and x's
           gradient comes out of one conv instead of being summed from four;
         - the average pool's projection runs before the pool: a bias-free 1×1 conv and a zero-padded 3×3
           mean (always divided by 9) are both linear, so they commute, and the pool then averages
-          pool_proj's 32–128 channels instead of the block's 192–1056; the bias joins after it.
+          pool_proj's channels instead of the block's; the bias joins after it.
         """
-        weights, biases = zip(*(fold_batchnorm(getattr(self, name), getattr(self, name + "_bn")) for name in heads))
+        weights, biases = zip(*(fold_batchnorm(getattr(self, name), getattr(self, name + "_bn"))
+                                for name in self.heads(b)))
         projects = b.pool == "avg"
         conv_biases = biases[:-1] + (torch.zeros_like(biases[-1]),) if projects else biases
         pieces = F.conv2d(x, torch.cat(weights), torch.cat(conv_biases)).split([w.shape[0] for w in weights], dim=1)
         outputs = [F.relu(piece) for piece in pieces[:-1 if projects else None]]
-        if projects:
-            outputs.append(F.relu(_pool("avg", pieces[-1]) + biases[-1][:, None, None], inplace=True))
-        return outputs
+        pool_branch = F.relu(_pool("avg", pieces[-1]) + biases[-1][:, None, None], inplace=True) if projects else None
+        return outputs[:-2], outputs[-2], outputs[-1], pool_branch
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, 1024, H', W'); 7×7 for H = W = 224 or 227."""
-        _check_images(x, 3, "BNInception.features")
-        # each stem max pool runs before its unit's ReLU: max and ReLU commute (ReLU is monotone), so values
-        # and gradients are the same bits, and the ReLU touches a quarter of the values
-        x = F.relu(_pool("max_s2", self.conv_bn("conv1_7x7_s2", x)), inplace=True)
-        x = F.relu(_pool("max_s2", self.conv_bn("conv2_3x3", self.unit("conv2_3x3_reduce", x))), inplace=True)
-        for b in self.BLOCKS:
-            x = self.block(b, x)
-        return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+def fold_batchnorm(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one conv that equals eval-mode bn(conv(x)), differentiable in all four tensors.
+
+    bn(W∗x + b) = s·(W∗x + b − μ) + β with s = γ/√(σ² + ε): a conv with W' = s·W and b' = s·(b − μ) + β.
+    Saves BatchNorm's pass over the activations forward and backward; the state_dict is unchanged.
+    """
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return conv.weight * scale[:, None, None, None], (conv.bias - bn.running_mean) * scale + bn.bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +216,6 @@ class ResNet50(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, 2048, H/32, W/32)."""
-        _check_images(x, 3, "ResNet50.features")
         for name in self.PARTS:
             x = getattr(self, name)(x)
         return x
@@ -242,7 +229,6 @@ class TinyCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        self.in_channels = in_channels
         self.feature_dim = 2 * width
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
@@ -250,7 +236,6 @@ class TinyCNN(nn.Module):
         self.bn2 = nn.BatchNorm2d(2 * width)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.in_channels, "TinyCNN.features")
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
         return F.relu(self.bn2(self.conv2(x)))
 
@@ -263,15 +248,11 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 64, hidden: int = 128) -> None:
         super().__init__()
-        self.in_features = in_features
         self.feature_dim = hidden
         self.layer1 = nn.Linear(in_features, hidden)
         self.layer2 = nn.Linear(hidden, hidden)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x[0].numel() != self.in_features:
-            raise ValueError(f"MLP.features: expected (B, ...) with {self.in_features} values per sample, "
-                             f"got {tuple(x.shape)}")
         h = F.relu(self.layer2(F.relu(self.layer1(x.flatten(1)))))
         return h[:, :, None, None]
 
@@ -310,13 +291,6 @@ class EmbeddingModel(nn.Module):
     def __init__(self, backbone: nn.Module, embedding_dim: int = 128, pooling: str = "avg",
                  freeze_bn: bool = True, channels_last: bool = False) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"EmbeddingModel: pooling must be one of {POOLINGS}, got {pooling!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"EmbeddingModel: embedding_dim must be a positive int, got {embedding_dim!r}")
-        if not hasattr(backbone, "features") or not hasattr(backbone, "feature_dim"):
-            raise ValueError(f"EmbeddingModel: the backbone needs `features(x)` and `feature_dim`; "
-                             f"{type(backbone).__name__} lacks them")
         self.backbone = backbone
         self.pooling = pooling
         self.freeze_bn = freeze_bn
@@ -340,7 +314,7 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, ...) → raw embeddings f(x), (B, embedding_dim)."""
-        if self.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:  # the layout of the fastest CPU convolutions (NCHW: a reorder each)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.embedding(global_pool(self.backbone.features(x), self.pooling))
 
@@ -439,6 +413,21 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike) -> Path:
     return target
 
 
+def _check_arguments(backbone: str, embedding_dim: int, pooling: str, kwargs: dict) -> None:
+    if backbone not in BACKBONES:
+        close = difflib.get_close_matches(str(backbone), list(BACKBONES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"build_model: unknown backbone {backbone!r}, expected one of {tuple(BACKBONES)}{hint}")
+    accepted = list(inspect.signature(BACKBONES[backbone]).parameters)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"build_model: {backbone} takes backbone_kwargs {accepted}, got unknown {unknown}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"build_model: pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(f"build_model: embedding_dim must be a positive int, got {embedding_dim!r}")
+
+
 def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.PathLike | None = None,
                 pooling: str = "avg", freeze_bn: bool = True, seed: int = 0,
                 backbone_kwargs: dict | None = None, channels_last: bool = False) -> EmbeddingModel:
@@ -449,15 +438,8 @@ def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.Pa
     `backbone_kwargs` go to the backbone's constructor, e.g. {"in_channels": 3} for tiny_cnn.
     `channels_last`: weights and input in channels_last memory (faster on CPU; the state_dict is the same).
     """
-    if backbone not in BACKBONES:
-        close = difflib.get_close_matches(str(backbone), list(BACKBONES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"build_model: unknown backbone {backbone!r}, expected one of {tuple(BACKBONES)}{hint}")
     kwargs = dict(backbone_kwargs or {})
-    accepted = list(inspect.signature(BACKBONES[backbone]).parameters)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"build_model: {backbone} takes backbone_kwargs {accepted}, got unknown {unknown}")
+    _check_arguments(backbone, embedding_dim, pooling, kwargs)
     with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG state is left untouched
         torch.default_generator.manual_seed(seed)
         model = EmbeddingModel(BACKBONES[backbone](**kwargs), embedding_dim, pooling, freeze_bn, channels_last)
