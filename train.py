@@ -18,6 +18,7 @@ import math
 import shlex
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -112,7 +113,8 @@ class CCP:
     θ* and P* of the running instance, pool(θ) and the k-center (re-)selection of the proxies P."""
 
     def __init__(self, r: build.Run):
-        self.r, self.settings, self.proxies = r, r.cfg["ccp"], r.objective.proxies
+        # a weak reference to the run that owns this object: no cycle keeps the loader's workers alive
+        self.r, self.settings, self.proxies = weakref.proxy(r), r.cfg["ccp"], r.objective.proxies
         self.trainable = [name for name, p in r.network.named_parameters() if p.requires_grad]
         self.anchor = projection.ProximalAnchor(p for p in r.network.parameters() if p.requires_grad)  # θ_anchor ← θ
         self.controller = projection.AlternatingProjections(**r.cfg["projection"])  # t, λ_t, convergence

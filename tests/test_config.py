@@ -251,3 +251,12 @@ def test_a_dotted_key_in_a_file_is_refused_not_ignored(tmp_path):
 def test_base_that_is_not_a_path_is_a_one_line_error(tmp_path, base, shown):
     path = write(tmp_path, f"base: {base}\nseed: 1\n")
     assert error_of([], path) == f"{path}: base: expected the path of a config file, got {shown}"
+
+
+def test_an_unknown_key_names_the_closest_valid_one_and_its_file(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"train\.max_stpes.*did you mean train\.max_steps"):
+        train.load_config(DIGITS, ["train.max_stpes=10"])
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"base: {DIGITS}\nprojection:\n  lamda: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"typo\.yaml.*projection\.lamda.*did you mean projection\.lam"):
+        train.load_config(path)
