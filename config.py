@@ -37,8 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "fold": None,  # train only this fold (0-based); None trains all `folds` models
     "repeats": 1,  # run everything with seeds seed .. seed + repeats - 1
     "dataset": {
-        "name": "sop",  # cub | cars | sop | inshop | digits
-        "root": "data",  # the folder the archive was extracted into
+        "name": "sop",  # cub | cars | sop | inshop | digits | folder (your own images: docs/DATASETS.md)
+        "root": "data",  # the folder the archive was extracted into; for folder, the folder of class folders
     },
     "data": {
         "transform": "bninception",  # bninception | resnet | digits (data.build_transform)
@@ -115,7 +115,7 @@ KWARGS_LEAVES = {key.rsplit(".", 1)[1] for key in KWARGS_KEYS}
 CHOICES = {
     "method": ("ccp", "baseline", "proxy_anchor", "proxynca++", "softtriple", "xbm"),
     "normalization": tuple(losses.NORMALIZATIONS),
-    "dataset.name": ("cub", "cars", "sop", "inshop", "digits"),
+    "dataset.name": ("cub", "cars", "sop", "inshop", "digits", "folder"),
     "data.transform": ("bninception", "resnet", "digits"),
     "data.sampler": tuple(data.SAMPLER_ORDERS),
     "loss.name": tuple(losses.LOSSES),
@@ -365,6 +365,9 @@ def _check_combinations(cfg: dict) -> None:
     if cfg["ccp"]["pair_weight"] == 0 and cfg["ccp"]["proxy_weight"] == 0:
         raise ConfigError("config keys ccp.pair_weight and ccp.proxy_weight are both 0: the loss would be 0")
     dc = cfg["data"]
+    if cfg["dataset"]["name"] == "folder" and dc["transform"] == "digits":
+        raise ConfigError("config key data.transform: digits takes the bundled digits' 8x8 tensors; images of "
+                          "dataset.name folder need bninception or resnet")
     if dc["transform"] != "digits" and dc["crop_size"] > dc["resize"]:
         raise ConfigError(f"config key data.crop_size: expected at most data.resize ({dc['resize']}), "
                           f"got {dc['crop_size']}")

@@ -1,9 +1,9 @@
 """Everything between files on disk and batches of tensors (PAPER.md §7, docs/DATASETS.md): readers of
 the four retrieval benchmarks as their archives unpack (CUB-200-2011, Cars196 in its three layouts,
-Stanford Online Products, In-Shop) and of `digits` (scikit-learn's bundled 8×8 digits, the demo's set);
-the class-disjoint splits and the MLRC folds of the training classes; the m-per-class batch sampler
-(m = 1: one image per class, for the baselines of §4); the train/eval transforms for BN-Inception and
-ResNet-50; and `python data.py download|check NAME --root DIR`.
+Stanford Online Products, In-Shop), of `digits` (scikit-learn's bundled 8×8 digits, the demo's set) and
+of `folder` (your own images, DIR/<class>/<image>); the class-disjoint splits and the MLRC folds of the
+training classes; the m-per-class batch sampler (m = 1: one image per class, for the baselines of §4);
+the train/eval transforms for BN-Inception and ResNet-50; and `python data.py download|check NAME`.
 
 Splits are by class; labels are 0-based and contiguous within a split (In-Shop's query and gallery
 share one mapping). A dataset key is an index or an (index, seed) pair: with a seed the random
@@ -22,13 +22,14 @@ import os
 import shutil
 import sys
 import tarfile
+import unicodedata
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import scipy.io
@@ -44,6 +45,7 @@ SPLITS = {
     "sop": ("train", "test"),
     "inshop": ("train", "query", "gallery"),
     "digits": ("train", "test"),
+    "folder": ("train", "test"),  # your own images: no expected counts
 }
 
 # (images, classes) per split; a mismatch is warned about, not fatal (usually a truncated download).
@@ -58,18 +60,27 @@ EXPECTED_COUNTS = {
 
 def _fetch_hint(name: str, root: Path) -> str:
     if name in ARCHIVES:
-        return f"fetch it with `python data.py download {name} --root {root}`"
+        return f"fetch it with `python data.py download {name} --root {root}`, or {_by_hand(name, root)}"
     return f"`python data.py download {name} --root {root}` prints how to get it"
+
+
+def _by_hand(name: str, root: Path) -> str:
+    """The offline route: the archive put in place by hand, then verified and extracted by `download`."""
+    _, filename, md5 = ARCHIVES[name]
+    return (f"put {filename} ({ARCHIVE_SIZES[name]}, MD5 {md5}) into {root} by hand and run "
+            f"`python data.py download {name} --root {root}`: it checks the MD5 and extracts it")
 
 
 # ----------------------------------------------------------------------------- images
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file into RGB (grayscale, palette, CMYK, RGBA all become RGB).
+    """Decode an image file into RGB (grayscale, palette, CMYK, RGBA all become RGB; alpha is dropped).
 
-    Raises FileNotFoundError or ValueError naming the path, never a bare PIL traceback, so a
-    corrupt file is identified even when it is read inside a DataLoader worker.
+    16-bit grey (PIL's I;16 modes) keeps its high byte, value >> 8, as PIL itself reads 16-bit RGB
+    (PIL's own conversion would clip every value above 255 to white). Raises FileNotFoundError or
+    ValueError naming the path, never a bare PIL traceback, so a corrupt file is identified even
+    when it is read inside a DataLoader worker.
     """
     try:
         with Image.open(path) as image:
@@ -77,6 +88,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             # palette transparency must go through RGBA, or PIL warns and may lose colours
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
             return image.convert("RGB")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image file not found: {path}") from err
@@ -92,11 +105,12 @@ class RetrievalDataset(torch.utils.data.Dataset):
 
     An item is a PIL RGB image when transform is None, else transform(image). In-memory sets
     (digits) keep their (N, 1, 8, 8) float tensors in `images` and use synthetic paths.
+    `class_names[label]` names a class where the data has names (folder), else it is None.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int,
                  transform: Callable | None = None, images: torch.Tensor | None = None,
-                 name: str = "") -> None:
+                 name: str = "", class_names: Sequence[str] | None = None) -> None:
         if len(paths) != len(labels) or (images is not None and len(images) != len(labels)):
             raise ValueError(f"RetrievalDataset {name}: {len(labels)} labels but {len(paths)} paths or images")
         self.paths = list(paths)
@@ -105,6 +119,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.images = images
         self.name = name
+        self.class_names = None if class_names is None else list(class_names)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -299,17 +314,167 @@ def _digits(split: str) -> RetrievalDataset:
                             name=f"digits {split}")
 
 
+def load_digits_image(path: str | os.PathLike) -> torch.Tensor:
+    """An 8×8 image file as a digits item: a (1, 8, 8) float tensor of the set's 17 grey levels v/16.
+
+    The file is read as grey (load_image, then PIL's L) and each 0-255 value p becomes round(16·p/255)/16,
+    so a digit saved as round(255·v/16) reads back exactly as _digits holds it. Another size is a
+    ValueError naming the file.
+    """
+    image = load_image(path).convert("L")
+    if image.size != (8, 8):
+        raise ValueError(f"{path}: {image.size[0]}×{image.size[1]} pixels; a model trained on digits takes 8×8")
+    levels = np.rint(np.asarray(image, dtype=np.float64) * 16 / 255)
+    return torch.as_tensor(levels / 16.0, dtype=torch.float32).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------- your own images: class folders
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions of the formats PIL can read (its .mpo files are read by the JPEG reader)."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO")
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # hidden, macOS ._* files, a zip's macOS metadata
+
+
+def _nfc(text: str) -> str:
+    # macOS may store names decomposed (NFD): sorting and naming the composed form gives one order everywhere
+    return unicodedata.normalize("NFC", text)
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Every image file under `folder`, recursively: POSIX paths relative to it, sorted (by their NFC form).
+
+    An image file has an extension PIL reads (image_extensions(), any case); hidden files and folders
+    (names starting with '.', so macOS ._* files too) and __MACOSX folders are skipped.
+    """
+    folder, found = Path(folder), []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not _skipped(name)]
+        here = Path(parent).relative_to(folder)
+        found += [(here / name).as_posix() for name in files
+                  if not _skipped(name) and Path(name).suffix.lower() in image_extensions()]
+    return sorted(found, key=_nfc)
+
+
+_EXTENSIONS_NOTE = "image files: extensions PIL reads, .jpg .png .bmp .gif .tif .webp ...; hidden files skipped"
+
+
+class FolderListing(NamedTuple):
+    """The images of a folder: `paths` relative to it; `labels` and `class_names` None when unlabelled."""
+    paths: list[str]
+    labels: list[int] | None
+    class_names: list[str] | None
+
+
+def read_image_folder(folder: str | os.PathLike) -> FolderListing:
+    """A folder of class folders, folder/<class>/<image> (nested subfolders belong to their class), or,
+    when `folder` holds image files itself, every image under it, unlabelled (image_files' rule).
+
+    Class names are the folder names (NFC), labels 0..C-1 in their sorted order. One-line errors:
+    no such folder, neither images nor class folders, two folders with one name, a class without images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    entries = sorted((entry for entry in os.scandir(folder) if not _skipped(entry.name)), key=lambda e: _nfc(e.name))
+    if any(entry.is_file() and Path(entry.name).suffix.lower() in image_extensions() for entry in entries):
+        return FolderListing(image_files(folder), None, None)
+    classes = {}
+    for entry in (entry for entry in entries if entry.is_dir()):
+        if _nfc(entry.name) in classes:
+            raise ValueError(f"{folder}: two class folders are named {_nfc(entry.name)!r} (in different Unicode forms)")
+        files = image_files(entry.path)
+        if not files:
+            raise ValueError(f"class folder {entry.path} holds no image files ({_EXTENSIONS_NOTE})")
+        classes[_nfc(entry.name)] = [f"{entry.name}/{name}" for name in files]
+    if not classes:
+        raise ValueError(f"{folder} holds neither image files nor class folders ({_EXTENSIONS_NOTE})")
+    names = list(classes)  # sorted: entries were
+    labelled = sorted(((path, label) for label, name in enumerate(names) for path in classes[name]),
+                      key=lambda item: _nfc(item[0]))
+    return FolderListing([path for path, _ in labelled], [label for _, label in labelled], names)
+
+
+def _read_folder(root: Path, split: str) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, class names) of `split` of the folder dataset (docs/DATASETS.md, "Your own images").
+
+    root/train/<class>/... and root/test/<class>/... when root holds exactly those two folders; otherwise
+    root/<class>/..., the classes sorted by name, the first half (rounded up) train, the rest test.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder: root folder {root} does not exist; set dataset.root to the folder that "
+                                f"holds one folder per class (DIR/<class>/<image>)")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _skipped(entry.name))
+    if {"train", "test"} <= set(folders):
+        others = [name for name in folders if name not in ("train", "test")]
+        if others:
+            raise ValueError(f"folder: {root} holds train/ and test/ beside other folders ({', '.join(others[:3])}): "
+                             f"give either exactly train/ and test/, each of class folders, or class folders only")
+        sides = {side: _class_folders(root / side) for side in ("train", "test")}
+        both = sorted(set(sides["train"].class_names) & set(sides["test"].class_names))
+        if both:
+            raise ValueError(f"folder: class {both[0]!r} is in both {root / 'train'} and {root / 'test'} "
+                             f"({len(both)} such classes); a class belongs to one side of the split")
+        splits = {side: (root / side, listing) for side, listing in sides.items()}
+    else:
+        listing = _class_folders(root)
+        half = (len(listing.class_names) + 1) // 2
+        splits = {"train": (root, _classes_of(listing, range(half))),
+                  "test": (root, _classes_of(listing, range(half, len(listing.class_names))))}
+    halved = " (the class folders, sorted by name, are halved: give at least 4)" if root == splits["train"][0] else ""
+    for side, (base, listing) in splits.items():
+        if len(listing.class_names) < 2:
+            raise ValueError(f"folder: the {side} split of {root} has {len(listing.class_names)} class(es), at least "
+                             f"2 are needed{halved}")
+    base, listing = splits[split]
+    if split == "train":
+        counts = np.bincount(listing.labels, minlength=len(listing.class_names))
+        small = np.flatnonzero(counts < 2)
+        if len(small):
+            more = f" ({len(small)} training classes have fewer than 2)" if len(small) > 1 else ""
+            raise ValueError(f"folder: class folder {base / listing.class_names[small[0]]} holds {counts[small[0]]} "
+                             f"image(s); a training class needs at least 2, a positive pair{more}")
+    return [str(base / path) for path in listing.paths], listing.labels, listing.class_names
+
+
+def _class_folders(folder: Path) -> FolderListing:
+    listing = read_image_folder(folder)
+    if listing.labels is None:
+        loose = next(path for path in listing.paths if "/" not in path)
+        raise ValueError(f"folder: {folder} holds images itself ({loose}); expected one folder per class: "
+                         f"{folder}/<class>/<image>")
+    return listing
+
+
+def _classes_of(listing: FolderListing, classes: range) -> FolderListing:
+    """The images of classes (a range of labels), relabelled from 0."""
+    keep = [(path, label - classes.start) for path, label in zip(listing.paths, listing.labels) if label in classes]
+    return FolderListing([path for path, _ in keep], [label for _, label in keep],
+                         listing.class_names[classes.start:classes.stop])
+
+
 def build_dataset(name: str, root: str | os.PathLike | None, split: str,
                   transform: Callable | None = None) -> RetrievalDataset:
-    """The `split` of dataset `name` (cub, cars, sop, inshop, digits) extracted under `root`.
+    """The `split` of dataset `name` (cub, cars, sop, inshop, digits, folder) extracted under `root`.
 
-    root is the folder the archive was extracted into or the dataset's inner folder; it is
-    ignored for digits. Warns when the counts differ from docs/DATASETS.md.
+    root is the folder the archive was extracted into or the dataset's inner folder (for folder: the
+    folder of class folders); it is ignored for digits. Warns when a benchmark's counts differ from
+    docs/DATASETS.md.
     """
     if split not in SPLITS.get(name, ()) or (root is None and name != "digits"):
         raise ValueError(f"build_dataset: no split {split!r} of {name!r} (known: {SPLITS}), or no root folder")
     if name == "digits":
         dataset = _digits(split)
+    elif name == "folder":
+        root = Path(root).expanduser()
+        paths, labels, class_names = _read_folder(root, split)
+        return RetrievalDataset(paths, labels, len(class_names), transform, name=f"folder {split}",
+                                class_names=class_names)
     else:
         root = Path(root).expanduser()
         if name == "inshop":
@@ -348,6 +513,7 @@ def class_subset(dataset: RetrievalDataset, classes: Sequence[int]) -> Retrieval
     subset.labels = [rank[dataset.labels[i]] for i in keep]
     subset.num_classes = len(wanted)
     subset.images = None if dataset.images is None else dataset.images[keep]
+    subset.class_names = None if dataset.class_names is None else [dataset.class_names[c] for c in wanted]
     subset.name = f"{dataset.name} ({len(wanted)}-class subset)"
     return subset
 
@@ -568,6 +734,8 @@ ARCHIVES = {
             "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),
 }
 
+ARCHIVE_SIZES = {"cub": "about 1.1 GB", "sop": "about 2.9 GB"}
+
 MANUAL_STEPS = {
     "cars": """Cars196 cannot be downloaded automatically: its original addresses are gone.
 Put ONE of these layouts under --root (all three are read; the split is by class, 1-98 / 99-196):
@@ -700,13 +868,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.name == "digits":
             print("digits is bundled with scikit-learn: nothing to download")
             return 0
+        if args.name == "folder":
+            print(f"folder is your own images, DIR/<class>/<image>: nothing to download; check them with "
+                  f"`python data.py check folder --root DIR`", file=sys.stderr)
+            return 1
         if args.name in MANUAL_STEPS:
             print(MANUAL_STEPS[args.name])
             return 1
         print(f"downloading {args.url or ARCHIVES[args.name][0]} into {args.root} (resumes a partial download)")
         try:
             download_dataset(args.name, args.root, args.url, args.md5)
-        except (OSError, ValueError) as err:  # offline (URLError is an OSError), an MD5 mismatch, a full disk
+        except urllib.error.URLError as err:  # offline, or the address is gone
+            print(f"error: cannot download {args.url or ARCHIVES[args.name][0]}: {err.reason}; without network, "
+                  f"{_by_hand(args.name, Path(args.root).expanduser())}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError) as err:  # an MD5 mismatch, a full disk
             print(f"error: {err}", file=sys.stderr)
             return 1
     problems = check(args.name, args.root)

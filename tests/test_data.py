@@ -5,7 +5,9 @@ import io
 import json
 import tarfile
 import threading
+import unicodedata
 import urllib.error
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -753,3 +755,235 @@ def test_download_failures_are_one_line_errors(monkeypatch, capsys, tmp_path, fa
     assert data.main(["download", "cub", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(failure.args[0]) in err
+    if isinstance(failure, urllib.error.URLError):  # offline: the by-hand route, with what to put where
+        assert all(s in err for s in ("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78", str(tmp_path), "GB"))
+
+
+def test_a_missing_dataset_names_both_routes(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        data.build_dataset("sop", tmp_path, "train")
+    message = str(caught.value)
+    assert f"python data.py download sop --root {tmp_path}" in message
+    assert "Stanford_Online_Products.zip" in message and "7f73d41a2f44250d4779881525aea32e" in message
+
+
+# ----------------------------------------------------------------------------- your own images (folder)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}  # the formats these tests write
+
+
+def save_image(path: Path, kind: str, seed: int = 0, size=(20, 12)) -> np.ndarray:
+    """An image file of `kind` (png, jpeg, bmp, gif: 4-colour palette, rgba, gray, gray16); the RGB pixels
+    load_image must return (exact for the lossless kinds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    if kind == "gif":  # 4 colours: a GIF stores them exactly
+        colours = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+        rgb = colours[rng.integers(0, 4, (size[1], size[0]))]
+        Image.fromarray(rgb).quantize(4).save(path, "GIF")
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([rgb, rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)])).save(path, "PNG")
+    elif kind == "gray":
+        Image.fromarray(rgb[..., 0]).save(path, "PNG")
+        rgb = np.repeat(rgb[..., :1], 3, axis=2)
+    elif kind == "gray16":
+        grey = rng.integers(0, 65536, rgb.shape[:2], dtype=np.uint16)
+        Image.fromarray(grey).save(path, "PNG")
+        rgb = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        Image.fromarray(rgb).save(path, {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP"}[kind])
+    return rgb
+
+
+# {class folder: [(path inside it, kind)]}; sorted by name: Zebra, a.b c, apple, b | cat, dog, Ünïcødé 猫, ß
+FOLDER_CLASSES = {
+    "a.b c": [("x.png", "png"), ("sub/deeper/y.JPG", "jpeg"), ("sub/z.bmp", "bmp")],
+    "Ünïcødé 猫": [("1.gif", "gif"), ("2.png", "rgba")],
+    "Zebra": [("g.png", "gray"), ("h.jpeg", "jpeg")],
+    "apple": [("p.PNG", "png"), ("q.gif", "gif")],
+    "b": [("0.bmp", "bmp"), ("1.png", "gray")],
+    "cat": [("c.png", "png")],
+    "dog": [("nested/d.png", "rgba"), ("e.jpg", "jpeg")],
+    "ß": [("s.png", "png"), ("t.png", "png")],
+}
+
+
+def make_folder(root: Path, classes=FOLDER_CLASSES) -> dict[str, np.ndarray]:
+    """Class folders with nested subfolders, mixed formats, and files that must be skipped; {path: RGB}."""
+    written = {}
+    for seed, (name, files) in enumerate(classes.items()):
+        for k, (relative, kind) in enumerate(files):
+            written[str(root / name / relative)] = save_image(root / name / relative, kind, seed=10 * seed + k)
+        save_image(root / name / ".hidden.png", "png")  # hidden file
+        save_image(root / name / ".cache" / "thumb.png", "png")  # hidden folder
+        (root / name / "._x.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource file
+        (root / name / "notes.txt").write_text("not an image")
+    save_image(root / ".git" / "icon.png", "png")
+    save_image(root / "__MACOSX" / "cat" / "c.png", "png")
+    return written
+
+
+def independent_listing(folder: Path) -> list[tuple[str, str]]:
+    """(relative POSIX path, class folder) of every image file, by this test's own rules, sorted by path."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts)]
+    return sorted((p.relative_to(folder).as_posix(), p.relative_to(folder).parts[0]) for p in files)
+
+
+def no_count_warning(name, root, split, transform=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder dataset has no expected counts: nothing to warn about
+        return data.build_dataset(name, root, split, transform)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_folder_lists_split_and_labels_like_an_independent_walk(tmp_path, split):
+    make_folder(tmp_path)
+    listing = independent_listing(tmp_path)
+    names = sorted({name for _, name in listing})
+    assert names == ["Zebra", "a.b c", "apple", "b", "cat", "dog", "Ünïcødé 猫", "ß"]  # code point order
+    side = names[:4] if split == "train" else names[4:]  # the first half (rounded up) trains
+    dataset = no_count_warning("folder", tmp_path, split)
+    expected = [(path, side.index(name)) for path, name in listing if name in side]
+    assert dataset.paths == [str(tmp_path / path) for path, _ in expected]
+    assert dataset.labels == [label for _, label in expected]
+    assert dataset.class_names == side and dataset.num_classes == len(side)
+    assert len(dataset) == sum(len(FOLDER_CLASSES[name]) for name in side)
+
+
+def test_folder_reads_every_format_as_rgb(tmp_path):
+    written = make_folder(tmp_path)
+    for split in ("train", "test"):
+        dataset = no_count_warning("folder", tmp_path, split)
+        for index, path in enumerate(dataset.paths):
+            image, label = dataset[index]
+            assert image.mode == "RGB" and image.size == (20, 12) and label == dataset.labels[index]
+            if not path.lower().endswith((".jpg", ".jpeg")):  # lossless: exactly the pixels written
+                assert np.array_equal(np.asarray(image), written[path]), path
+
+
+def test_sixteen_bit_grey_keeps_its_high_byte(tmp_path):
+    expected = save_image(tmp_path / "deep.png", "gray16")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    assert np.array_equal(np.asarray(data.load_image(tmp_path / "deep.png")), expected)
+
+
+def test_folder_train_and_test_folders_are_the_split(tmp_path):
+    make_folder(tmp_path / "train", {"b": FOLDER_CLASSES["b"], "a": FOLDER_CLASSES["apple"]})
+    make_folder(tmp_path / "test", {"z": FOLDER_CLASSES["cat"], "y": FOLDER_CLASSES["dog"]})  # 1 image: fine
+    for split, names in (("train", ["a", "b"]), ("test", ["y", "z"])):
+        dataset = no_count_warning("folder", tmp_path, split)
+        listing = independent_listing(tmp_path / split)
+        assert dataset.paths == [str(tmp_path / split / path) for path, _ in listing]
+        assert dataset.labels == [names.index(name) for _, name in listing] and dataset.class_names == names
+
+
+def test_folder_class_names_are_composed_unicode(tmp_path):
+    decomposed = unicodedata.normalize("NFD", "é")  # as macOS may store it: e + combining accent
+    make_folder(tmp_path, {"d": FOLDER_CLASSES["b"], decomposed: FOLDER_CLASSES["b"], "f": FOLDER_CLASSES["b"],
+                           "g": FOLDER_CLASSES["b"]})
+    train = no_count_warning("folder", tmp_path, "train")
+    test = no_count_warning("folder", tmp_path, "test")
+    assert train.class_names == ["d", "f"] and test.class_names == ["g", "é"]  # é (U+00E9) sorts after g
+    assert all(Path(path).is_file() for path in test.paths)  # the paths are the files' own names
+
+
+def test_folder_subsets_keep_their_class_names(tmp_path):
+    make_folder(tmp_path)
+    train = no_count_warning("folder", tmp_path, "train")
+    fit, val = data.mlrc_folds(range(train.num_classes), 2)[1]
+    subset = data.class_subset(train, val)
+    assert subset.class_names == [train.class_names[c] for c in val]
+    assert [subset.class_names[label] for label in subset.labels] == \
+        [train.class_names[label] for label in train.labels if label in val]
+
+
+def _classes(root, counts):
+    for name, count in counts.items():
+        for k in range(count):
+            save_image(root / name / f"{k}.png", "png", seed=k)
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda root: None, r"root folder .*nowhere does not exist; set dataset.root to the folder that holds one"),
+    (lambda root: root.mkdir(), r"nowhere holds neither image files nor class folders"),
+    (lambda root: (_classes(root, dict.fromkeys("abcd", 2)), save_image(root / "loose.jpg", "jpeg")),
+     r"folder: .*nowhere holds images itself \(loose.jpg\); expected one folder per class"),
+    (lambda root: (_classes(root, dict.fromkeys("abcd", 2)), (root / "e").mkdir(), (root / "e" / "a.txt").touch()),
+     r"class folder .*nowhere/e holds no image files"),
+    (lambda root: _classes(root, dict.fromkeys("abc", 2)), r"test split of .*nowhere has 1 class\(es\), at least 2"),
+    (lambda root: _classes(root, {"a": 2, "b b": 1, "c": 1, "d": 1}),
+     r"class folder .*nowhere/b b holds 1 image\(s\); a training class needs at least 2, a positive pair$"),
+    (lambda root: _classes(root, {"train/a": 2, "train/b": 2, "test/c": 1, "test/d": 1, "val/e": 1}),
+     r"holds train/ and test/ beside other folders \(val\)"),
+    (lambda root: _classes(root, {"train/a": 2, "train/b": 2, "test/b": 1, "test/d": 1}),
+     r"class 'b' is in both .*nowhere/train and .*nowhere/test"),
+    (lambda root: _classes(root, {"train": 2, "test/c": 1, "test/d": 1}),
+     r"nowhere/train holds images itself \(0.png\)"),
+    (lambda root: _classes(root, {"a": 2, "b": 2, "\u00e9": 2, "e\u0301": 2}),  # é composed and decomposed
+     r"nowhere: two class folders are named 'é' \(in different Unicode forms\)"),
+], ids=["missing", "empty", "loose-image", "empty-class", "one-test-class", "small-train-class", "other-folders",
+        "class-on-both-sides", "split-without-classes", "one-name-twice"])
+def test_folder_refusals_are_one_line_errors_before_training(tmp_path, make, pattern):
+    root = tmp_path / "nowhere"
+    make(root)
+    with pytest.raises((FileNotFoundError, ValueError), match=pattern) as caught:
+        data.build_dataset("folder", root, "train")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_small_training_class_names_how_many_are_small(tmp_path):
+    _classes(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1})
+    with pytest.raises(ValueError, match=r"/a holds 1 image\(s\).*\(2 training classes have fewer than 2\)"):
+        data.build_dataset("folder", tmp_path, "train")
+    assert len(no_count_warning("folder", tmp_path, "test")) == 2  # a test class may hold one image
+
+
+def test_digit_files_read_back_as_the_digits_17_grey_levels(tmp_path):
+    levels = np.arange(64).reshape(8, 8) % 17  # every level 0..16
+    Image.fromarray(np.rint(levels * 255 / 16).astype(np.uint8)).save(tmp_path / "digit.png")
+    assert torch.equal(data.load_digits_image(tmp_path / "digit.png"),
+                       torch.tensor(levels / 16.0, dtype=torch.float32).unsqueeze(0))
+    save_image(tmp_path / "big.png", "png", size=(9, 8))
+    with pytest.raises(ValueError, match=r"big.png: 9×8 pixels; a model trained on digits takes 8×8"):
+        data.load_digits_image(tmp_path / "big.png")
+
+
+def test_folder_check_and_download_cli(tmp_path, capsys):
+    make_folder(tmp_path / "mine")
+    assert data.main(["check", "folder", "--root", str(tmp_path / "mine")]) == 0
+    out = capsys.readouterr().out
+    assert "folder train: 9 images, 4 classes" in out and "folder test: 7 images, 4 classes" in out
+    assert data.main(["download", "folder", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to download" in err and "data.py check folder" in err
+
+
+def test_folder_ms_refuses_the_digits_transform():
+    import train
+
+    with pytest.raises(ValueError, match="data.transform: digits takes the bundled digits"):
+        train.load_config(Path(__file__).parents[1] / "configs" / "folder_ms.yaml", ["data.transform=digits"])
+
+
+def test_folder_ms_trains_on_a_folder_end_to_end(tmp_path, capsys):
+    import train
+
+    root = tmp_path / "my images"
+    for c, name in enumerate(["Ünïcødé 猫", "a.b c", "cat", "dog", "eel", "fox", "gnu", "hen"]):
+        for k in range(4):  # 4 images a class, two of them in a subfolder; each class its own brightness
+            pixels = (np.random.default_rng(10 * c + k).random((20, 24, 3)) * 60 + c * 25).astype(np.uint8)
+            (root / name / "sub").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / name / ("sub" if k % 2 else "") / f"{k}.png")
+    overrides = [f"dataset.root={root}", f"run_dir={tmp_path / 'run'}", "device=cpu", "folds=2", "fold=1",
+                 "model.backbone=tiny_cnn", "model.pretrained=null", "model.embedding_dim=16",
+                 "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}", "data.transform=resnet",
+                 "data.crop_size=16", "data.resize=18", "data.classes_per_batch=2", "data.samples_per_class=2",
+                 "data.num_workers=0", "ccp.proxies_per_class=2", "ccp.pool_size=3", "train.max_steps=4",
+                 "train.eval_every=2", "train.lr=0.001", "train.log_every_seconds=1000"]
+    config = Path(__file__).parents[1] / "configs" / "folder_ms.yaml"
+    assert train.main([str(config), *overrides]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["models"][0]["test"]["MAP@R"] <= 1.0 and results["models"][0]["steps"] == 4
+    assert capsys.readouterr().out.startswith(f"MS-CCP on your images in {root}, fold 1 of 2")  # not "on sop"
