@@ -18,8 +18,10 @@ import math
 import os
 import pickle
 import re
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -257,10 +259,12 @@ def keep_log_until(path: Path, step: int) -> None:
 
 
 class Progress:
-    """A console line a few times a minute: step/total, loss, images/s, ETA, last MAP@R."""
+    """A console line a few times a minute: step/total, loss, images/s, and when the run will end: no
+    sooner than early stopping allows (`steps_to_stop(step)`: if no evaluation improves from now on),
+    no later than max_steps."""
 
-    def __init__(self, total: int, every: float, batch: int, prefix: str):
-        self.total, self.every, self.batch, self.prefix = total, every, batch, prefix
+    def __init__(self, total: int, every: float, batch: int, prefix: str, steps_to_stop: Callable[[int], int]):
+        self.total, self.every, self.batch, self.prefix, self.steps_to_stop = total, every, batch, prefix, steps_to_stop
         self.start = self.last = time.time()
         self.first_step = None
 
@@ -272,10 +276,20 @@ class Progress:
             return
         self.last = now
         rate = (step - self.first_step) / max(now - self.start, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+        latest = self.total - step
+        earliest = min(latest, max(0, self.steps_to_stop(step)))
         print(f"{self.prefix}step {step:>6}/{self.total} | loss {loss:.4f} | {rate * self.batch:7.1f} img/s "
-              f"| ETA {eta_text} (at most) | {status}", flush=True)
+              f"| ends in {duration(earliest / rate if rate else math.nan)} (if no new best) to "
+              f"{duration(latest / rate if rate else math.nan)} (max_steps) | {status}", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """'3d 04:05:06', or '04:05:06' under a day; '--:--:--' before anything was measured."""
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    days, rest = divmod(round(seconds), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
 
 
 def summarize(rows: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -328,4 +342,13 @@ def print_results(cfg: dict, results: dict, n_seeds: int, n_folds: int, run_dir:
         print(f"\ntest metrics, {dim * n_folds}-D ensemble of the {n_folds} fold models" + combos)
         print(table_with_sd(results["ensemble_mean"], results["ensemble_sd"] if n_seeds > 1 else None))
     print(f"\nresults: {run_dir / 'results.json'}\nfigures and the comparison with the paper: "
-          f"python report.py {run_dir}")
+          f"{shlex.join([interpreter(), 'report.py', str(run_dir)])}")
+
+
+def interpreter() -> str:
+    """The Python that runs this process, relative to the current folder when inside it (.venv/bin/python)."""
+    path = Path(sys.executable)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

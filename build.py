@@ -103,11 +103,12 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
     loader = torch.utils.data.DataLoader(fit, batch_sampler=sampler, num_workers=dc["num_workers"],
                                          persistent_workers=dc["num_workers"] > 0, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(seed))
+    stopper, E = projection.EarlyStopping(tc["patience"], cfg["projection"]["min_delta"]), tc["eval_every"]
+    progress = Progress(tc["max_steps"], tc["log_every_seconds"], dc["classes_per_batch"] * dc["samples_per_class"],
+                        prefix, steps_to_stop=lambda step: (stopper.patience - stopper.stale) * E - step % E)
     r = Run(cfg, fold, seed, run_dir, prefix, device, splits, network, objective, memory,
-            build_optimizer(cfg, network, objective),
-            projection.EarlyStopping(tc["patience"], cfg["projection"]["min_delta"]), sampler, loader,
-            Progress(tc["max_steps"], tc["log_every_seconds"], dc["classes_per_batch"] * dc["samples_per_class"],
-                     prefix), [p for p in network.backbone.parameters() if p.requires_grad])
+            build_optimizer(cfg, network, objective), stopper, sampler, loader, progress,
+            [p for p in network.backbone.parameters() if p.requires_grad])
     r.ccp = method(r)
     describe_run(r)
     if state is not None:
@@ -174,7 +175,8 @@ def describe_run(r: Run) -> None:
     tests = ", ".join(f"{len(d)} {name} images" for name, d in r.splits.items() if name not in ("fit", "val", "fit_eval"))
     method, loss = cfg["method"], cfg["loss"]["name"].upper()
     what = f"{loss}-CCP" if method == "ccp" else f"{loss} (no proxies)" if method == "baseline" else method
-    r.say(f"{what} on {cfg['dataset']['name']}, fold {r.fold} of {cfg['folds']}, seed {r.seed}: "
+    dataset = cfg["dataset"]["name"] if cfg["dataset"]["name"] != "folder" else f"your images in {cfg['dataset']['root']}"
+    r.say(f"{what} on {dataset}, fold {r.fold} of {cfg['folds']}, seed {r.seed}: "
           f"{fit.num_classes} training classes ({len(fit)} images), {val.num_classes} validation classes "
           f"({len(val)}), {tests}; device {r.device}; writing to {r.dir}")
 

@@ -376,6 +376,7 @@ def train_all_models(cfg: dict, run_dir: Path) -> dict:
                / (f"fold{fold}" if len(folds) > 1 else "")) for seed in seeds for fold in folds]
     for seed, fold, model_dir in models:  # every checkpoint a resume names is checked before anything is written
         build.find_checkpoint(cfg, fold, seed, model_dir)
+    build.build_splits(cfg, models[0][1]), build.build_network(cfg, models[0][0])  # so are the data and weights
     write_config_once(run_dir, cfg)
     results: dict[str, Any] = {"config": cfg, "git_commit": git_commit(), "models": []}
     embeddings = {}  # (seed, fold) -> the model's normalised test embeddings

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,40 @@ def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path
     assert torch.load(run / "last.pt", weights_only=True)["step"] == steps
     initial = [r for r in read_log(run / "metrics.jsonl") if r["step"] == 0]
     assert initial == read_log(trained / "metrics.jsonl")[:1]  # one initial selection, as in an uninterrupted run
+
+
+def test_a_start_that_fails_before_training_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
+    """Missing data is found before config.yaml or a model folder is written (issue 21)."""
+    from test_train import make_fake_cub
+    args = [str(ROOT / "configs" / "cub_ms.yaml"), f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}",
+            "device=cpu", "folds=2", "fold=1", "model.backbone=tiny_cnn", "model.pretrained=null",
+            "model.embedding_dim=8", "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}",
+            "data.transform=resnet", "data.crop_size=24", "data.resize=28", "data.classes_per_batch=2",
+            "data.samples_per_class=2", "data.num_workers=0", "ccp.proxies_per_class=2", "ccp.pool_size=2",
+            "train.max_steps=2", "train.eval_every=2", "evaluation.nmi=false"]
+    assert train.main(args) == 1
+    one_line_error(capsys.readouterr().err)
+    assert files(tmp_path / "run") == {}
+    make_fake_cub(tmp_path / "cub")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # far fewer images than CUB: data.py warns
+        assert train.main(args) == 0  # the same command, once the data is there
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_the_progress_line_shows_days_and_both_ends_of_a_run(capsys, monkeypatch):
+    clock = iter([0.0, 0.0, 100.0])  # construction, first step, 100 s later
+    monkeypatch.setattr(bookkeeping.time, "time", lambda: next(clock))
+    progress = bookkeeping.Progress(2_500_000, 0.0, 32, "", steps_to_stop=lambda step: 60 * 250 - step % 250)
+    progress.update(1000, 0.5, "val")
+    progress.update(1100, 0.5, "val")  # 1 step/s: max_steps is 2,498,900 s away = 28d 22:08:20
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "ends in 04:08:20 (if no new best) to 28d 22:08:20 (max_steps)" in line, line
+
+
+def test_the_report_hint_names_the_interpreter_that_ran(trained, capsys):
+    results = json.loads((trained / "results.json").read_text())
+    bookkeeping.print_results(train.load_config(DIGITS), results, 1, 1, trained)
+    hint = capsys.readouterr().out.splitlines()[-1]
+    command = shlex.split(hint.split(": ", 1)[1])
+    assert Path(command[0]).resolve() == Path(sys.executable).resolve() and command[1:] == ["report.py", str(trained)]
