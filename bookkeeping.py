@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
 import shlex
 import socket
@@ -28,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torchvision
 import yaml
 
 import evaluate
@@ -131,7 +133,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, stateful: dict[str, Any], **progress: Any) -> None:
     """Every object's state_dict under its name (None stays None), the progress, RNG and provenance."""
     state = {name: None if obj is None else obj.state_dict() for name, obj in stateful.items()}
-    state.update(progress, rng=rng_state(), git_commit=git_commit(), threads=torch.get_num_threads())
+    state.update(progress, rng=rng_state(), git_commit=git_commit(), threads=torch.get_num_threads(),
+                 versions=versions())
     buffer = io.BytesIO()  # serialised in memory: a full disk then fails the plain write with OSError (ENOSPC),
     torch.save(state, buffer)  # not torch's zip writer with "unexpected pos"
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
@@ -232,7 +235,13 @@ def record_segment(run_dir: Path, cfg: dict, from_step: int) -> None:
     and thread count that segment ran with (config.yaml keeps those the run started with)."""
     write_config_once(run_dir, cfg)
     append_jsonl({"from_step": from_step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit(),
-                  "threads": torch.get_num_threads(), "config": cfg}, run_dir / "segments.jsonl")
+                  "threads": torch.get_num_threads(), "versions": versions(), "config": cfg}, run_dir / "segments.jsonl")
+
+
+def versions() -> dict[str, str]:
+    """The library versions a result depends on (another version may change the last bits)."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": np.__version__, "faiss": evaluate.faiss.__version__}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -22,7 +22,7 @@ import model
 import optimizer
 import projection
 from bookkeeping import (Progress, keep_freed_memory, keep_log_until, load_checkpoint, make_deterministic,
-                         record_segment, restore_checkpoint, save_checkpoint)
+                         read_jsonl, record_segment, restore_checkpoint, save_checkpoint)
 from config import ConfigError
 
 
@@ -118,6 +118,10 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
     record_segment(run_dir, cfg, r.step)  # after every check: a refused resume leaves no trace
     if r.resumed:
         r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
+        changed = changed_settings(state["config"], cfg)
+        if changed:
+            r.say(f"warning: this segment runs with {changed} (the checkpoint's differ); config.yaml keeps the "
+                  f"settings the run started with, segments.jsonl records each segment's")
         if state.get("threads") != torch.get_num_threads():
             r.say(f"warning: this process computes with {torch.get_num_threads()} threads, the checkpoint was "
                   f"written with {state.get('threads')}: sums round differently, so the continuation is not "
@@ -140,10 +144,20 @@ def restore(r: Run, state: dict) -> None:
 
 
 def find_checkpoint(cfg: dict, fold: int, seed: int, run_dir: Path) -> dict | None:
-    """The checkpoint that `resume:` names for this model (auto: run_dir/last.pt if any), checked."""
-    resume = cfg["resume"]
+    """The checkpoint that `resume:` names for this model (auto: run_dir/last.pt if any), checked: a resume
+    never starts afresh over a run's files, nor continues another run's checkpoint among them."""
+    resume, last = cfg["resume"], run_dir / "last.pt"
+    # what a run wrote after its start (a log of the initial selection alone is rewritten the same by a restart)
+    written = [name for name in ("results.json", "best.pt") if (run_dir / name).exists()] + (
+        ["metrics.jsonl"] if any(r["step"] > 0 for r in read_jsonl(run_dir / "metrics.jsonl")) else [])
+    if resume == "auto" and not last.exists() and written:
+        raise ConfigError(f"resume=auto: {run_dir} holds {', '.join(written)} but no last.pt to continue from; "
+                          f"starting afresh would overwrite them: move them away or choose another run_dir")
+    if resume not in (None, "auto") and written and Path(resume).expanduser().resolve() != last.resolve():
+        raise ConfigError(f"resume: {run_dir} already holds a run's {', '.join(written)}; continuing {resume} there "
+                          f"would mix two runs: choose a new run_dir for it")
     if resume == "auto":
-        resume = run_dir / "last.pt" if (run_dir / "last.pt").exists() else None
+        resume = last if last.exists() else None
     if not resume:
         return None
     state = load_checkpoint(resume, cfg)
@@ -151,6 +165,15 @@ def find_checkpoint(cfg: dict, fold: int, seed: int, run_dir: Path) -> dict | No
         raise ConfigError(f"resume: {resume} holds the model of fold {state['fold']}, seed {state['seed']}; "
                           f"this run asks for fold {fold}, seed {seed}")
     return state
+
+
+def changed_settings(saved: dict, cfg: dict) -> str:
+    """The keys that change what is trained (all but where and how a run is started and logged), as
+    "k=new, ..." for those whose value differs from the checkpoint's."""
+    bookkeeping_keys = {"run_dir", "resume", "eval_only", "device", "train.log_every_seconds", "data.num_workers",
+                        "evaluation.save_embeddings", "ccp.save_selections"}
+    old, new = config.flatten(saved), config.flatten(cfg)
+    return ", ".join(f"{k}={new[k]!r}" for k in new if k not in bookkeeping_keys and old.get(k, new[k]) != new[k])
 
 
 def build_network(cfg: dict, seed: int) -> model.EmbeddingModel:
@@ -197,6 +220,9 @@ def build_splits(cfg: dict, fold: int) -> dict:
     eval_tf = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
     train = data.build_dataset(name, root, "train")
     fit_classes, val_classes = data.mlrc_folds(sorted(set(train.labels)), cfg["folds"])[fold]
+    if len(val_classes) < 2:  # MAP@R is 1 for any model: the best model, the instances would be chosen at random
+        raise ConfigError(f"config key folds: fold {fold} of {cfg['folds']} validates on {len(val_classes)} class of "
+                          f"{len(set(train.labels))} training classes; validation needs at least 2: use fewer folds")
     splits = {
         "fit": data.class_subset(train.with_transform(train_tf), fit_classes),
         "val": data.class_subset(train.with_transform(eval_tf), val_classes),

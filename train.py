@@ -13,6 +13,7 @@ protocol of PAPER.md §7 (folds, the 512-D ensemble, repeats) and the test of PA
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import shlex
@@ -363,17 +364,20 @@ def run_directory(cfg: dict) -> Path:
 def run(cfg: dict) -> dict:
     """Train every requested (seed, fold) model and write run_dir/results.json."""
     run_dir = run_directory(cfg)
-    with RunLock(run_dir):  # one process per run_dir
-        check_run_dir(cfg, run_dir)
-        return train_all_models(cfg, run_dir)
-
-
-def train_all_models(cfg: dict, run_dir: Path) -> dict:
     folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
     seeds = [cfg["seed"] + r for r in range(cfg["repeats"])]
     # (seed, fold, the folder of its checkpoints and log): seedS/ and foldF/ only where there are several
     models = [(seed, fold, run_dir / (f"seed{seed}" if len(seeds) > 1 else "")
                / (f"fold{fold}" if len(folds) > 1 else "")) for seed in seeds for fold in folds]
+    with contextlib.ExitStack() as locks:  # one process per run_dir and per model folder, so nested runs too
+        for folder in dict.fromkeys([run_dir, *(model_dir for _, _, model_dir in models)]):
+            locks.enter_context(RunLock(folder))
+        check_run_dir(cfg, run_dir)
+        return train_all_models(cfg, run_dir, models)
+
+
+def train_all_models(cfg: dict, run_dir: Path, models: list[tuple[int, int, Path]]) -> dict:
+    folds, seeds = sorted({fold for _, fold, _ in models}), sorted({seed for seed, _, _ in models})
     for seed, fold, model_dir in models:  # every checkpoint a resume names is checked before anything is written
         build.find_checkpoint(cfg, fold, seed, model_dir)
     build.build_splits(cfg, models[0][1]), build.build_network(cfg, models[0][0])  # so are the data and weights
@@ -415,16 +419,20 @@ def evaluate_checkpoint(cfg: dict) -> dict:
 def evaluate_saved(cfg: dict, path: Path, run_dir: Path) -> dict:
     """The test metrics of the checkpoint at `path`, written to run_dir/results.json."""
     state = load_checkpoint(path)
-    # the network and n(x) as the checkpoint was trained; the test data and metrics from cfg
-    trained = state["config"]
-    mc = trained["model"]
-    # the layout it was trained in, so that the run's own test metrics are reproduced to the last bit
-    channels_last = mc.get("channels_last", cfg["model"]["channels_last"])  # absent before it was a key
-    network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                 backbone_kwargs=mc["backbone_kwargs"], channels_last=channels_last)
-    network.load_state_dict(state["model"])
+    # the network, n(x) and folds as the checkpoint was trained; the test data and metrics from cfg
+    try:
+        trained = state["config"]
+        mc = trained["model"]
+        # the layout it was trained in, so that the run's own test metrics are reproduced to the last bit
+        channels_last = mc.get("channels_last", cfg["model"]["channels_last"])  # absent before it was a key
+        network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
+                                     backbone_kwargs=mc["backbone_kwargs"], channels_last=channels_last)
+        network.load_state_dict(state["model"])
+        cfg = {**cfg, "normalization": trained["normalization"], "folds": trained["folds"]}
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another version's or a damaged checkpoint
+        raise ConfigError(f"eval_only: {path} is not a checkpoint this version of train.py can evaluate "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     device = build.resolve_device(cfg["device"])
-    cfg = {**cfg, "normalization": trained["normalization"]}
     splits = build.build_splits(cfg, state["fold"])
     metrics = test_metrics(cfg, test_embeddings(cfg, network.to(device), splits, device))
     save_json({"checkpoint": str(path), "step": state["step"], "test": metrics}, run_dir / "results.json")

@@ -390,3 +390,71 @@ def test_the_report_hint_names_the_interpreter_that_ran(trained, capsys):
     hint = capsys.readouterr().out.splitlines()[-1]
     command = shlex.split(hint.split(": ", 1)[1])
     assert Path(command[0]).resolve() == Path(sys.executable).resolve() and command[1:] == ["report.py", str(trained)]
+
+
+# ------------------------------------------- issue 22: nothing a user already has is ever lost
+
+def test_resume_auto_refuses_to_start_afresh_over_a_finished_run_without_last_pt(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    (run / "last.pt").unlink()  # copied without it, or deleted
+    before = files(run)
+    assert main(run, "train.max_steps=10", "resume=auto") == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert f"{run} holds results.json, best.pt, metrics.jsonl but no last.pt" in err
+    assert files(run) == before
+
+
+def test_a_checkpoint_of_another_run_is_not_continued_into_a_run_dir_that_holds_one(trained, tmp_path, capsys):
+    other = copy_run(trained, tmp_path, "other")
+    run = copy_run(trained, tmp_path, "run")
+    before = files(run)
+    assert main(run, "train.max_steps=15", f"resume={other / 'last.pt'}") == 1
+    assert "would mix two runs" in one_line_error(capsys.readouterr().err)
+    assert files(run) == before
+    assert main(run, "train.max_steps=15", f"resume={run / 'last.pt'}") == 0  # its own last.pt continues it
+
+
+def test_a_run_inside_a_running_run_dir_is_refused(tmp_path, capsys):
+    """A fold folder of a fold run is locked with the run: a second process cannot train in it."""
+    with bookkeeping.RunLock(tmp_path / "X" / "fold2"):  # a single-fold run in X/fold2 holds its lock
+        assert main(tmp_path / "X", "train.max_steps=5", "fold=null") == 1
+        err = one_line_error(capsys.readouterr().err)
+        assert f"run_dir {tmp_path / 'X' / 'fold2'} is in use by pid {os.getpid()}" in err
+    assert files(tmp_path / "X") == {}
+
+
+def test_a_validation_fold_of_one_class_is_refused_before_training(tmp_path, capsys):
+    assert main(tmp_path / "run", "train.max_steps=5", "folds=6", "fold=0") == 1  # 6 training digits, 6 folds
+    err = one_line_error(capsys.readouterr().err)
+    assert "config key folds: fold 0 of 6 validates on 1 class" in err and files(tmp_path / "run") == {}
+
+
+@pytest.mark.parametrize("damage", ["no config", "other shapes", "folds"])
+def test_eval_only_of_an_unusable_checkpoint_is_one_line(trained, tmp_path, capsys, damage):
+    state = torch.load(trained / "best.pt", weights_only=True)
+    if damage == "no config":
+        del state["config"]["model"]
+    elif damage == "other shapes":
+        state["model"] = {k: v[..., :1] if v.dim() else v for k, v in state["model"].items()}
+    path = tmp_path / "best.pt"
+    torch.save(state, path)
+    folds = ["folds=2", "fold=null"] if damage == "folds" else []  # fold 2 of a 3-fold run: its folds come from the checkpoint
+    code = main(tmp_path / "eval", "eval_only=true", f"resume={path}", *folds)
+    if damage == "folds":
+        assert code == 0
+    else:
+        assert code == 1 and "is not a checkpoint this version of train.py can evaluate" in one_line_error(
+            capsys.readouterr().err)
+
+
+def test_checkpoints_and_segments_record_the_library_versions_and_a_changed_setting_is_named(trained, tmp_path,
+                                                                                            capsys):
+    import torchvision
+    run = copy_run(trained, tmp_path)
+    assert main(run, "train.max_steps=15", "resume=auto", "loss.params={alpha: 3.0, beta: 40.0, base: 0.5}") == 0
+    out = capsys.readouterr().out
+    assert "warning: this segment runs with loss.params={'alpha': 3.0, 'beta': 40.0, 'base': 0.5}" in out
+    last = torch.load(run / "last.pt", weights_only=True)
+    segment = read_log(run / "segments.jsonl")[-1]
+    for versions in (last["versions"], segment["versions"]):
+        assert versions["torch"] == torch.__version__ and versions["torchvision"] == torchvision.__version__
