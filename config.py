@@ -3,7 +3,8 @@
 DEFAULTS lists every key with the paper's value (PAPER.md §2, §7); the rest turns a
 file and overrides into a validated config, before any work starts: every key known (an unknown one
 gets a did-you-mean), every value of its type, among its CHOICES or within its RANGES, keyword-argument
-mappings checked against the signature of the function they are passed to, and the few rules that
+mappings checked against the signature of the function they are passed to (names, and the values of
+numeric parameters), no NaN or infinity anywhere, no YAML anchors or aliases, and the few rules that
 tie keys together. Errors are ConfigError (a ValueError), one line naming the file, the key, the
 value and what is valid.
 """
@@ -202,12 +203,22 @@ class ConfigError(ValueError):
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    and anchors and aliases: 1 KB of nested aliases expands to billions of values, an alias inside its
+    own anchor to a cycle."""
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()  # refused before any node is built: fast, whatever the aliases expand to
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise ConfigError(f"YAML aliases/anchors are not supported in configs; write the values out "
+                              f"({what} at line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first: dict[Any, int] = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: {...}`: its keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -218,9 +229,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML without duplicate keys; a syntax error as one line: 'line L, column C: problem'."""
+    """YAML without duplicate keys, anchors or aliases; a syntax error as one line: 'line L, column C: problem'."""
     try:
         return yaml.load(text, Loader=UniqueKeyLoader)
+    except RecursionError:  # PyYAML recurses per level of nesting: 500 nested brackets are 1 KB
+        raise ConfigError("YAML nested too deeply to read (a config needs a few levels)") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -343,10 +356,12 @@ def _unknown_key(key: str, value: Any, defaults: dict[str, Any]) -> ConfigError:
 
 
 def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
+    """Every name in params a keyword parameter of fn, every value checked against its default (in place)."""
     if not isinstance(params, dict):
         raise ConfigError(f"config key {key}: expected a mapping of keyword arguments, got {params!r}")
+    signature = inspect.signature(fn).parameters
     valid = [
-        name for name, p in inspect.signature(fn).parameters.items()
+        name for name, p in signature.items()
         if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)
     ]
     valid = [v for v in valid if v not in ("generator", "normalize")]
@@ -356,6 +371,35 @@ def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
             hint = f"; did you mean {key}.{close[0]}?" if close else ""
             raise ConfigError(f"config key {key}.{name} is not a parameter of {fn.__name__} "
                               f"(valid: {', '.join(valid)}){hint}")
+        params[name] = _check_kwarg_value(f"{key}.{name}", params[name], signature[name].default)
+
+
+def _check_kwarg_value(key: str, value: Any, default: Any) -> Any:
+    """A keyword argument whose default is a number takes a finite number, by the rules of a top-level key
+    (float strings read as floats, an int for an int); any other is left as it is. Returns value."""
+    if not isinstance(default, (int, float)) or isinstance(default, bool):
+        return value
+    value = _coerce(value, default)
+    _check_type(key, value, default)
+    if not finite(value):
+        raise _not_finite(key, value)
+    return value
+
+
+def _not_finite(key: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """No NaN or infinity anywhere in the config: the run files that record it are strict JSON."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}" if key else str(name), item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _not_finite(key, value)
 
 
 def _check_combinations(cfg: dict) -> None:
@@ -383,7 +427,8 @@ def _check_combinations(cfg: dict) -> None:
 
 
 def validate_config(cfg: dict, defaults: dict) -> dict:
-    """Every key of cfg known, of its type and valid value, float strings read as floats; returns cfg."""
+    """Every key of cfg known, of its type and valid value, float strings read as floats, no NaN or
+    infinity anywhere; returns cfg."""
     defaults, flat = flatten(defaults), flatten(cfg)
     for key, value in flat.items():
         if key not in defaults:
@@ -396,6 +441,7 @@ def validate_config(cfg: dict, defaults: dict) -> dict:
     _check_kwargs("model.backbone_kwargs", cfg["model"]["backbone_kwargs"], model.BACKBONES[cfg["model"]["backbone"]])
     if cfg["method"] in PROXY_BASELINES:
         _check_kwargs("baseline.params", cfg["baseline"]["params"], PROXY_BASELINES[cfg["method"]])
+    _check_finite("", cfg)
     _check_combinations(cfg)
     return cfg
 

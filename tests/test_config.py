@@ -1,7 +1,13 @@
 """config.py's checks, made before any work starts: every key's valid range, friendlier parsing
 (1e-3 as a float, duplicate keys refused, a section given a value), one-line errors naming the
 file, the key, the value and what is valid. One test per kind of error, its variants parametrized."""
+import contextlib
 import copy
+import io
+import multiprocessing
+import resource
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,11 +175,58 @@ def test_keys_that_contradict_each_other_are_refused(overrides, message):
     assert error_of(overrides).endswith(message)
 
 
-def test_a_range_error_stops_main_before_any_work(tmp_path, capsys):
-    assert train.main([str(DIGITS), f"run_dir={tmp_path / 'run'}", "train.lr=0"]) == 1
-    err = capsys.readouterr().err
-    assert err == f"error: {DIGITS}: config key train.lr: expected a finite number > 0, got 0\n"
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=0", "config key train.lr: expected a finite number > 0, got 0"),
+    ("loss.params={alpha: .nan}", "config key loss.params.alpha: expected a finite number, got nan"),
+    ("model.backbone_kwargs={width: 3e1}", "config key model.backbone_kwargs.width: expected int, got '3e1' (str); "
+                                           "write 30"),
+], ids=["a range", "a loss parameter", "a backbone parameter"])
+def test_a_refused_value_stops_main_before_any_work(tmp_path, capsys, override, message):
+    assert train.main([str(DIGITS), f"run_dir={tmp_path / 'run'}", override]) == 1
+    assert capsys.readouterr().err == f"error: {DIGITS}: {message}\n"
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ keyword-argument values
+
+# (overrides, the mapping, what it then holds): where the default is a number, the rules of a top-level key
+KWARG_VALUES = [
+    (["loss.params={alpha: 4e1, beta: 1e-1, base: 1}"], "loss.params", {"alpha": 40.0, "beta": 0.1, "base": 1}),
+    (["method=softtriple", "baseline.params={la: 2E1, centers_per_class: 5}"], "baseline.params",
+     {"la": 20.0, "centers_per_class": 5}),
+    (["model.backbone_kwargs={width: 16}"], "model.backbone_kwargs", {"width": 16}),
+    # a default that is not a number (a bool, a string, None): the value is left as it is
+    (["model.backbone=bninception", "model.backbone_kwargs={fold_bn: false}"], "model.backbone_kwargs",
+     {"fold_bn": False}),
+]
+
+
+@pytest.mark.parametrize("overrides, key, held", KWARG_VALUES, ids=[" ".join(c[0])[:50] for c in KWARG_VALUES])
+def test_a_keyword_argument_with_a_numeric_default_is_read_as_a_number(overrides, key, held):
+    """YAML 1.1 reads 4e1 as the string '4e1': passed on, it failed at step 1 and config.yaml kept it."""
+    params = value_of(train.load_config(DIGITS, overrides), key)
+    assert params == held and [type(v) for v in params.values()] == [type(v) for v in held.values()]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.params={alpha: .nan}"], "config key loss.params.alpha: expected a finite number, got nan"),
+    (["loss.params={alpha: nan}"], "config key loss.params.alpha: expected a finite number, got nan"),
+    (["loss.params={beta: -.inf}"], "config key loss.params.beta: expected a finite number, got -inf"),
+    (["loss.params={beta: 1e999}"], "config key loss.params.beta: expected a finite number, got inf"),
+    (["loss.params={alpha: true}"], "config key loss.params.alpha: expected float, got True (bool)"),
+    (["loss.params={alpha: fast}"], "config key loss.params.alpha: expected float, got 'fast' (str)"),
+    (["model.backbone_kwargs={width: 2.5}"], "config key model.backbone_kwargs.width: expected int, got 2.5 (float)"),
+    (["method=softtriple", "baseline.params={centers_per_class: 1e1}"],
+     "config key baseline.params.centers_per_class: expected int, got '1e1' (str); write 10"),
+    # not a number's default, but no NaN or infinity anywhere: run files are strict JSON
+    (["method=proxynca++", "baseline.params={logits: .nan}"],
+     "config key baseline.params.logits: expected a finite number, got nan"),
+    (["model.backbone=bninception", "model.backbone_kwargs={fold_bn: [1.0, .inf]}"],
+     "config key model.backbone_kwargs.fold_bn[1]: expected a finite number, got inf"),
+], ids=["nan", "the string nan", "-inf", "1e999", "a bool", "a word", "a float for an int", "1e1 for an int",
+        "nan, not a number's default", "inf in a list"])
+def test_a_keyword_argument_that_is_not_a_finite_number_names_its_key(overrides, message):
+    assert error_of(overrides) == f"{DIGITS}: {message}"
 
 
 # ------------------------------------------------------------------------------ friendlier parsing
@@ -214,8 +267,82 @@ def test_a_duplicate_key_is_refused_with_both_lines(tmp_path, where, text, messa
 
 
 def test_merge_keys_may_still_be_overridden():
-    assert config.parse_yaml("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2},
-                                                                            "d": {"b": 3, "c": 2}}
+    assert config.parse_yaml("d:\n  <<: {b: 1, c: 2}\n  b: 3\n") == {"d": {"b": 3, "c": 2}}
+
+
+def billion_laughs(mapping: bool) -> list[str]:
+    """9 levels, each 9 aliases of the level below: 9**9 (387 million) values from under 1 KB."""
+    lines, below = [], ["lol"] * 9
+    for name in "abcdefghi":
+        if mapping:
+            lines.append(f"{name}: &{name} {{" + ", ".join(f"x{i}: {v}" for i, v in enumerate(below)) + "}")
+        else:
+            lines.append(f"- &{name} [" + ", ".join(below) + "]")
+        below = [f"*{name}"] * 9
+    return lines
+
+
+def main_with_limits(argv: list[str], memory: int = 2**28, seconds: float = 60) -> tuple:
+    """train.main(argv) in a forked child whose address space may grow by `memory` bytes only: its
+    exit code (or the exception it raised), stderr and the seconds main took; killed after `seconds`."""
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+
+    def child():
+        in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (in_use + memory, hard))
+        err, start = io.StringIO(), time.perf_counter()
+        try:
+            with contextlib.redirect_stderr(err):
+                outcome = train.main(argv)
+        except BaseException as exc:  # MemoryError, RecursionError: what the test is about
+            outcome = type(exc).__name__
+        send.send((outcome, err.getvalue(), time.perf_counter() - start))
+
+    process = fork.Process(target=child)
+    process.start()
+    try:
+        if not receive.poll(seconds):
+            pytest.fail(f"train.main({argv}) still running after {seconds} s")
+        return receive.recv()
+    finally:
+        process.kill()
+        process.join()
+
+
+LAUGHS = {  # the routes by which the expanded aliases reached memory: (the YAML, the first anchor's line)
+    "an error message's repr": ("train:\n  betas:\n" + "".join(f"  {line}\n" for line in billion_laughs(False)), 4),
+    "the segments.jsonl dump": ("model:\n  backbone: bninception\n  backbone_kwargs:\n    fold_bn:\n"
+                                + "".join(f"    {line}\n" for line in billion_laughs(False)), 6),
+    "flattening": ("train:\n" + "".join(f"  {line}\n" for line in billion_laughs(True)), 3),
+    "a mapping inside itself": ("a: &a {b: *a}\n", 2),  # flattening it raised RecursionError
+}
+
+
+@pytest.mark.parametrize("route", LAUGHS)
+def test_yaml_anchors_and_aliases_are_refused_fast_and_in_little_memory(tmp_path, route):
+    """A 1 KB billion laughs passed 5 GB within a minute; refused now within 256 MB and 1 s."""
+    text, line = LAUGHS[route]
+    path = write(tmp_path, f"base: {DIGITS}\n{text}")
+    assert len(text) < 1024
+    outcome, err, seconds = main_with_limits([str(path), f"run_dir={tmp_path / 'run'}"])
+    assert (outcome, err) == (1, f"error: {path}: YAML aliases/anchors are not supported in configs; "
+                                 f"write the values out (anchor &a at line {line})\n")
+    assert seconds < 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.params=&a {b: *a}",
+     "YAML aliases/anchors are not supported in configs; write the values out (anchor &a at line 1)"),
+    ("loss.params={alpha: *a}",
+     "YAML aliases/anchors are not supported in configs; write the values out (alias *a at line 1)"),
+    ("loss.params={alpha: " + "[" * sys.getrecursionlimit() + "]" * sys.getrecursionlimit() + "}",
+     "YAML nested too deeply to read (a config needs a few levels)"),  # was RecursionError
+], ids=["an anchor", "an alias", "deep nesting"])
+def test_an_override_with_an_alias_or_deep_nesting_is_one_line(override, message):
+    assert error_of([override]) == f"override {override!r}: {message}"
 
 
 def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
