@@ -350,7 +350,7 @@ def print_results(cfg: dict, results: dict, n_seeds: int, n_folds: int, run_dir:
                   if n_seeds > 1 else "")
         print(f"\ntest metrics, {dim * n_folds}-D ensemble of the {n_folds} fold models" + combos)
         print(table_with_sd(results["ensemble_mean"], results["ensemble_sd"] if n_seeds > 1 else None))
-    print(f"\nresults: {run_dir / 'results.json'}\nfigures and the comparison with the paper: "
+    print(f"\nresults: {run_dir / 'results.json'}\nfigures and tables (beside the paper's numbers where the paper has a row): "
           f"{shlex.join([interpreter(), 'report.py', str(run_dir)])}")
 
 

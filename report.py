@@ -2,24 +2,13 @@
 
 usage: python report.py RUN_DIR [RUN_DIR ...] [--out DIR] [--split val|test]
 
-For every model of every run (a run dir, or each of its seed{S}/fold{F}/ folders) it writes
-- report.png: validation MAP@R against step with the problem instances and λ_t marked, the covering
-  radius before / after each proxy re-selection, the steps each instance took (the supplement's
-  Fig. 4 reading) and the training loss, all from metrics.jsonl;
-- instances.png, when the run saved its selections (ccp.save_selections): the supplement's Fig. 1,
-  one panel per proxy selection: training embeddings by class, converged proxies P* (squares) and the
-  proxies k-center picks next (circles), with the covering radius of each (PAPER.md §5, §9);
-- tsne.png, when the run saved its embeddings (evaluation.save_embeddings): the supplement's Fig. 2,
-  the validation (or test) embeddings in 2-D with MAP@R, the average covering radius and the mean
-  inter-class distance written on it.
-A run of several models also gets summary.png (every model's curve), and several run dirs together
-get comparison.png (and tsne_comparison.png, before/after) in --out (default: the first RUN_DIR).
-It prints each run's test metrics beside the paper's number for the same dataset and method, read
-from the table of PAPER.md §8.
-
-Every drawing function returns the numbers it writes on its figure, so that tests check those
-numbers rather than pixels. Metric values are fractions (0..1), shown in % where the paper does.
-"""
+Per model (the run dir, or each seed{S}/fold{F}/): report.png (validation MAP@R, instances, λ_t, covering
+radius, steps per instance, loss: metrics.jsonl), instances.png (the supplement's Fig. 1, with
+ccp.save_selections) and tsne.png (its Fig. 2, with evaluation.save_embeddings); summary.png for several
+models; comparison.png (and tsne_comparison.png) for several run dirs, in --out. Titles name the method and
+dataset (config.yaml); text and legends sit outside the data; error bars only over several models. The test
+metrics are printed beside PAPER.md §8 only where it has a row for that dataset and method. Drawing
+functions return the numbers they write (tests check those, not pixels); metrics are fractions (0..1)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +17,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +40,8 @@ SELECTION_KEYS = ("step", "instance", "converged_proxies", "selected_proxies", "
                   "fit_embeddings", "fit_labels", "normalization")
 PAPER_DATASETS = {"CUB": "cub", "Cars": "cars", "SOP": "sop", "In-Shop": "inshop"}
 PAPER_LOSSES = {"c1": "C1", "c2": "C2", "ms": "MS", "triplet": "Triplet"}
+DATASET_NAMES = {**{name: title for title, name in PAPER_DATASETS.items()}, "digits": "digits"}
+BASELINE_NAMES = {"proxy_anchor": "Proxy-Anchor", "proxynca++": "ProxyNCA++", "softtriple": "SoftTriple"}
 
 
 class ReportError(ValueError):
@@ -101,18 +93,74 @@ def read_json(path: Path) -> dict | None:
 
 
 def read_config(run_dir: Path) -> dict:
-    """The run's resolved config: results.json's copy, else config.yaml, else {}."""
-    results = read_json(run_dir / "results.json") or {}
-    if isinstance(results.get("config"), dict):
-        return results["config"]
-    path = run_dir / "config.yaml"
+    """The run's resolved config: config.yaml (written when the run starts), else results.json's copy, else {}."""
+    path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        return {}
+        results = read_json(Path(run_dir) / "results.json") or {}
+        return results["config"] if isinstance(results.get("config"), dict) else {}
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ReportError(f"{path}: not valid YAML: {err}") from None
     return config if isinstance(config, dict) else {}
+
+
+def method_name(config: dict) -> str | None:
+    """'MS-CCP' (ccp), 'MS' (baseline), 'C2-XBM', 'Proxy-Anchor', ...: the method as the paper names it."""
+    method, loss = config.get("method"), (config.get("loss") or {}).get("name")
+    loss = PAPER_LOSSES.get(loss, str(loss).upper()) if loss else None
+    if method in ("ccp", "xbm"):
+        return f"{loss}-{method.upper()}" if loss else method.upper()
+    if method == "baseline":
+        return loss
+    return BASELINE_NAMES.get(method, method)
+
+
+def dataset_name(config: dict) -> str | None:
+    """'CUB', 'digits', ...; for dataset.name folder, 'your images (NAME/)' with NAME the root folder's name."""
+    dataset = config.get("dataset") or {}
+    if dataset.get("name") == "folder":
+        root = str(dataset.get("root") or "?").rstrip("/\\")
+        return f"your images ({Path(root).name or root}/)"
+    return DATASET_NAMES.get(dataset.get("name"), dataset.get("name"))
+
+
+def which_models(config: dict, model_dir: Path) -> list[str]:
+    """['fold 2', 'seed 0'] for one model (its seed{S}/fold{F}/ folders name it), ['3 folds', 'seeds 0-1'] for a run."""
+    named = {m[1]: int(m[2]) for part in (model_dir.parent.name, model_dir.name)
+             if (m := re.fullmatch(r"(seed|fold)(\d+)", part))}
+    fold, folds, seed, repeats = config.get("fold"), config.get("folds"), config.get("seed"), config.get("repeats") or 1
+    out = []
+    if fold is not None or "fold" in named:
+        out.append(f"fold {fold if fold is not None else named['fold']}")
+    elif folds:
+        out.append(f"{folds} folds")
+    if repeats > 1 and "seed" in named:
+        seed, repeats = named["seed"], 1
+    if seed is not None:
+        out.append(f"seed {seed}" if repeats == 1 else f"seeds {seed}-{seed + repeats - 1}")
+    return out
+
+
+def run_title(run_dir: Path, models: bool = True) -> str:
+    """'MS-CCP on digits, fold 2, seed 0': method and dataset from the run's config (and which model(s))."""
+    run_dir, config = Path(run_dir), {}
+    for folder in (run_dir, run_dir.parent, run_dir.parent.parent):  # a model folder's run holds the config
+        config = read_config(folder)
+        if config or not re.fullmatch(r"(seed|fold)\d+", folder.name):
+            break
+    if not config:
+        return f"{run_dir.name}: no config.yaml, method and dataset unknown"
+    title = f"{method_name(config) or '?'}{ablations(config)} on {dataset_name(config) or '?'}"
+    return ", ".join([title, *which_models(config, run_dir)]) if models else title
+
+
+def ablations(config: dict) -> str:
+    """' (λ = 0, no re-selection)': what a CCP run's config switches off (PAPER.md §2, §5), else ''."""
+    ccp, lam = config.get("ccp") or {}, (config.get("projection") or {}).get("lam")
+    off = [text for text, on in (("λ = 0", lam == 0), ("no re-selection", ccp.get("reselect") is False),
+                                 ("random first proxies", ccp.get("proxy_init") == "random")) if on]
+    return f" ({', '.join(off)})" if off and config.get("method") == "ccp" else ""
 
 
 def natural_key(path: Path) -> list:
@@ -194,6 +242,27 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def finish_figure(fig: plt.Figure, title: str, note: str, right: float = 0.0) -> None:
+    """The title (method and dataset) on top, `note` (what the numbers are, the run's path) in small grey type
+    at the bottom, the panels laid out between them; `right` inches on the right stay free for legends."""
+    height = fig.get_figheight() * 72  # points
+    title = textwrap.fill(title, int(11 * fig.get_figwidth()), break_long_words=False)  # 11-point characters a line
+    fig.suptitle(title, fontsize=11, y=1 - 4 / height, va="top").set_in_layout(False)  # the rect below keeps it free
+    width = int(17 * fig.get_figwidth())  # characters of 7-point type across the figure
+    note = "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                   break_on_hyphens=False) for line in note.splitlines())
+    fig.text(0.005, 0.005, note, fontsize=7, color="0.35", va="bottom")
+    top, bottom = 1 - (4 + 14 * (title.count("\n") + 1) + 4) / height, (9 * (note.count("\n") + 1) + 4) / height
+    fig.tight_layout(rect=(0, bottom, 1 - right / fig.get_figwidth(), top))
+
+
+def legend_below(ax: plt.Axes, ncol: int = 2) -> None:
+    """The axes' legend under its x label (36 points below the axes, whatever their size): off the data."""
+    below = matplotlib.transforms.ScaledTranslation(0, -36 / 72, ax.figure.dpi_scale_trans)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=ax.transAxes + below, ncol=ncol,
+              fontsize=8, frameon=False)
+
+
 def mark_instances(ax: plt.Axes, spans: list[dict]) -> list[int]:
     """Dashed lines where instances converged; returns their steps."""
     boundaries = [s["end"] for s in spans if s["converged"]]
@@ -210,15 +279,15 @@ def draw_validation(ax: plt.Axes, records: list[dict]) -> dict:
     best = int(np.argmax(scores))  # the first maximum, as train.py's early stopping keeps it
     ax.plot(steps, scores, color="C0", marker=".", label="validation MAP@R")
     ax.plot(steps[best], scores[best], marker="*", markersize=12, color="C3")
-    ax.text(0.98, 0.03, f"best {scores[best]:.4f} at step {steps[best]}", transform=ax.transAxes, ha="right",
-            fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
     boundaries = mark_instances(ax, instance_spans(records))
     lam = [(r["step"], r.get("lam", 0.0)) for r in evals]
     twin = ax.twinx()
     twin.step(steps, [v for _, v in lam], where="pre", color="C2", linewidth=1)
     twin.set_ylabel("λ_t", color="C2")
     twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.set(xlabel="step", ylabel="validation MAP@R", title="validation MAP@R; instances (dashed), λ_t (green)")
+    ax.set(xlabel="step", ylabel="validation MAP@R")
+    ax.set_title(f"validation MAP@R, best {scores[best]:.4f} at step {steps[best]} (red star)\n"
+                 "instances end at the dashed lines; λ_t in green (right axis)", fontsize=10)
     return {"best_val_MAP@R": scores[best], "best_step": steps[best], "boundaries": boundaries, "lam": lam}
 
 
@@ -236,7 +305,7 @@ def draw_covering_radius(ax: plt.Axes, records: list[dict]) -> dict:
     ax.plot([s for s, _ in with_before], [b for _, b in with_before], "s", mfc="none", color="C1",
             label="before: converged proxies P*")
     ax.plot([s for s, _, _ in radii], [a for _, _, a in radii], "o", color="C0", label="after: k-center's proxies")
-    ax.legend(fontsize=8)
+    legend_below(ax)
     return {"covering_radius": radii}
 
 
@@ -249,7 +318,8 @@ def draw_steps_per_instance(ax: plt.Axes, records: list[dict]) -> dict:
             bar.set_hatch("//")
             bar.set_facecolor("none")
         ax.annotate(str(span["steps"]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+                    textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.12)  # room above the tallest bar for its number
     ax.set(xlabel="problem instance t", ylabel="steps", title="steps per instance (hatched: did not converge)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return {"steps_per_instance": [s["steps"] for s in spans]}
@@ -261,22 +331,20 @@ def draw_loss(ax: plt.Axes, records: list[dict]) -> dict:
     ax.plot([s for s, _ in points], [v for _, v in points], color="C4", marker=".")
     mark_instances(ax, instance_spans(records))
     last = points[-1][1] if points else None
-    if last is not None:
-        ax.annotate(f"{last:.4f}", points[-1], textcoords="offset points", xytext=(0, 6), ha="right", fontsize=8)
-    ax.set(xlabel="step", ylabel="training loss", title="training loss (batch before each validation)")
+    ax.set(xlabel="step", ylabel="training loss")
+    ax.set_title("training loss (batch before each validation)" + (f", last {last:.4f}" if last is not None else ""))
     return {"last_loss": last}
 
 
 def figure_run(model_dir: Path, path: Path | None = None) -> dict:
-    """report.png of one model: the four panels above; returns the numbers written on them."""
+    """report.png of one model: the four panels above; returns the numbers written on them and the title."""
     model_dir = Path(model_dir)
     records = read_metrics(model_dir / "metrics.jsonl")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    numbers = {}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    numbers = {"title": run_title(model_dir)}
     for ax, draw in zip(axes.flat, (draw_validation, draw_covering_radius, draw_steps_per_instance, draw_loss)):
         numbers.update(draw(ax, records))
-    fig.suptitle(f"{model_dir.parent.name}/{model_dir.name}", fontsize=9)
-    fig.tight_layout()
+    finish_figure(fig, numbers["title"], f"run: {model_dir}")
     numbers["path"] = save_figure(fig, path or model_dir / "report.png")
     return numbers
 
@@ -288,26 +356,33 @@ def model_test_map_at_r(model_dir: Path) -> float | None:
     return test.get("MAP@R")
 
 
-def figure_comparison(groups: dict[str, list[Path]], path: Path) -> dict:
-    """One figure for several models: every validation curve, coloured by group, and per group the mean
-    (± sd over its models) of the best validation MAP@R and the test MAP@R."""
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+def figure_comparison(groups: dict[str, list[Path]], path: Path, title: str | None = None,
+                      note: str | None = None) -> dict:
+    """One figure for several models: every validation curve, coloured by group, and per group the best
+    validation MAP@R and the test MAP@R: a group's mean, ± sd (an error bar) only where several models
+    contribute. `title` defaults to the groups' methods and datasets, `note` to their paths."""
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2, 1]})
     numbers = {}
     for i, (label, dirs) in enumerate(groups.items()):
         best, test = [], []
         for j, model_dir in enumerate(dirs):
             evals = validations(read_metrics(model_dir / "metrics.jsonl"))
             curves.plot([r["step"] for r in evals], [r["val"]["MAP@R"] for r in evals], color=f"C{i % 10}",
-                        linewidth=1, alpha=0.8, label=label if j == 0 else None)
+                        linewidth=1, alpha=0.8, label=label if j == 0 else None,
+                        marker="." if len(evals) == 1 else None)  # a curve of one validation is a point
             best.append(max(r["val"]["MAP@R"] for r in evals))
             score = model_test_map_at_r(model_dir)
             if score is not None:
                 test.append(score)
-        numbers[label] = {"best_val_MAP@R": mean_sd(best), "test_MAP@R": mean_sd(test) if test else None}
+        numbers[label] = {"best_val_MAP@R": group_mean(best), "test_MAP@R": group_mean(test) if test else None}
     draw_group_bars(bars, numbers)
     curves.set(xlabel="step", ylabel="validation MAP@R", title="validation MAP@R")
-    curves.legend(fontsize=8)
-    fig.tight_layout()
+    legend_below(curves, ncol=min(3, len(groups)))
+    if title is None:
+        title = " vs ".join(dict.fromkeys(run_title(dirs[0], models=False) for dirs in groups.values()))
+    if note is None:
+        note = "; ".join(f"{label}: {os.path.commonpath([str(d) for d in dirs])}" for label, dirs in groups.items())
+    finish_figure(fig, title, note)
     save_figure(fig, path)
     return numbers
 
@@ -317,21 +392,31 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def group_mean(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; None for the sd of one value (one model has no spread)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def draw_group_bars(ax: plt.Axes, numbers: dict[str, dict]) -> None:
-    """Best validation and test MAP@R per group, mean ± sd, the mean written above each bar."""
+    """Best validation and test MAP@R per group: the mean, with an error bar (± sd) only over several models;
+    the mean written above the bar (and above its error bar)."""
     width = 0.4
     for k, (key, name) in enumerate((("best_val_MAP@R", "best validation"), ("test_MAP@R", "test"))):
         for i, values in enumerate(numbers.values()):
             if values[key] is None:
                 continue
             mean, sd = values[key]
-            ax.bar(i + (k - 0.5) * width, mean, width, yerr=sd, color=f"C{k}", capsize=3,
-                   label=name if i == 0 else None)
-            ax.annotate(f"{mean:.3f}", (i + (k - 0.5) * width, mean), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=7)
+            x = i + (k - 0.5) * width
+            ax.bar(x, mean, width, color=f"C{k}", label=name if i == 0 else None,
+                   **({"yerr": sd, "capsize": 3} if sd is not None else {}))
+            ax.annotate(f"{mean:.3f}", (x, mean + (sd or 0.0)), textcoords="offset points", xytext=(0, 2),
+                        ha="center", va="bottom", fontsize=7)
+    ax.margins(y=0.12)
     ax.set_xticks(range(len(numbers)), list(numbers), rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="MAP@R", title="MAP@R (mean ± sd over models)")
-    ax.legend(fontsize=8)
+    several = any(v[key] is not None and v[key][1] is not None for v in numbers.values()
+                  for key in ("best_val_MAP@R", "test_MAP@R"))
+    ax.set(ylabel="MAP@R", title="MAP@R: mean ± sd over a run's models" if several else "MAP@R (one model each)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +509,7 @@ def selection_title(numbers: dict) -> str:
 
 
 def draw_selection(ax: plt.Axes, sel: dict[str, Any]) -> dict:
-    """One panel of Fig. 1: n(fit) by class, n(P*) squares, n(next proxies) circles, radii written."""
+    """One panel of Fig. 1: n(fit) by class, n(P*) squares, n(next proxies) circles, radii written below."""
     numbers = selection_numbers(sel)
     name = sel["normalization"]
     fit = normalized(sel["fit_embeddings"], name).numpy()
@@ -443,8 +528,7 @@ def draw_selection(ax: plt.Axes, sel: dict[str, Any]) -> dict:
         ax.set(xlim=(-half, half), ylim=(-half, half))
     ax.set_aspect("equal")
     ax.set_title(selection_title(numbers), fontsize=9)
-    ax.text(0.02, 0.02, selection_caption(numbers), transform=ax.transAxes, fontsize=7, va="bottom",
-            bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    ax.set_xlabel(selection_caption(numbers), fontsize=7)  # under the panel, off the points
     return numbers
 
 
@@ -457,6 +541,43 @@ def selection_caption(numbers: dict) -> str:
     return "\n".join(lines)
 
 
+def class_names(selections: list[dict[str, Any]]) -> dict[int, str]:
+    """{label: what the legend calls it}: the class's name where the selection file records class_names
+    (indexed by label), else its label, the class id within the training split."""
+    labels = np.unique(np.concatenate([s["fit_labels"] for s in selections]))
+    names = selections[0].get("class_names")
+    if names is not None and len(names) > labels.max():
+        return {int(c): str(names[c])[:18] for c in labels}
+    return {int(c): str(c) for c in labels}
+
+
+LEGEND_INCHES = 1.7  # the strip right of Fig. 1's panels that holds its legends
+MAX_LEGEND_CLASSES = 10  # tab10's distinct colours; more classes get a colour bar of class ids instead
+
+
+def class_legend(fig: plt.Figure, names: dict[int, str], top: float, bottom: float) -> None:
+    """Fig. 1's key right of the panels (between heights top and bottom): the markers, then one entry per
+    class in its colour (a colour bar of class ids beyond MAX_LEGEND_CLASSES)."""
+    left = 1 - LEGEND_INCHES / fig.get_figwidth()
+    grey = {"linestyle": "", "markerfacecolor": "0.75", "markeredgecolor": "k"}
+    markers = [matplotlib.lines.Line2D([], [], marker="s", markersize=8, **grey),
+               matplotlib.lines.Line2D([], [], marker="o", markersize=8, **grey),
+               matplotlib.lines.Line2D([], [], marker=".", linestyle="", color="0.6")]
+    key = fig.legend(markers, ["converged proxies P*", "next proxies (k-center)", "training image"], title="marker",
+                     loc="upper left", bbox_to_anchor=(left, top), fontsize=8, title_fontsize=8, frameon=False)
+    end = key.get_window_extent(fig.canvas.get_renderer()).y0  # where the marker key ends: the classes go below
+    y = fig.transFigure.inverted().transform((0, end))[1] - 0.02
+    if len(names) > MAX_LEGEND_CLASSES:
+        bar = fig.add_axes((left + 0.03, bottom, 0.15 / fig.get_figwidth(), y - 0.05 - bottom))
+        norm = matplotlib.colors.Normalize(0, len(names) - 1)  # class_colors' map: the i-th class of the split
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm, "turbo"), cax=bar, label="class (training split)")
+        return
+    handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=c,
+                                       markeredgecolor=c) for c in class_colors(np.array(list(names)))]
+    fig.legend(handles, list(names.values()), title="class", loc="upper left", bbox_to_anchor=(left, y),
+               fontsize=8, title_fontsize=8, frameon=False)
+
+
 def figure_instances(run_dir: Path, path: Path | None = None, files: Sequence[Path] | None = None) -> list[dict]:
     """instances.png: the supplement's Fig. 1, one panel per selection file; returns each panel's numbers."""
     run_dir = Path(run_dir)
@@ -465,16 +586,19 @@ def figure_instances(run_dir: Path, path: Path | None = None, files: Sequence[Pa
         raise ReportError(f"{run_dir}: no selections/*.npz (train with ccp.save_selections: true)")
     rows = math.ceil(len(files) / 4)  # at most 4 panels a row, the rows as full as they can be
     columns = math.ceil(len(files) / rows)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + LEGEND_INCHES, 3.5 * rows + 0.9),
+                             squeeze=False)
     selections = [read_selection(f) for f in files]
     panels = [draw_selection(ax, sel) for ax, sel in zip(axes.flat, selections)]
     for ax in list(axes.flat)[len(files):]:
         ax.axis("off")
     dim = selections[0]["fit_embeddings"].shape[1]
-    where = "" if dim == 2 else f" (first two principal axes of {dim}-D)"
-    fig.suptitle(f"{run_dir.parent.name}/{run_dir.name}: training embeddings n(f(x)){where}\nradius = covering "
-                 "radius, spread = mean distance between a class's proxies", fontsize=9)
-    fig.tight_layout()
+    where = "" if dim == 2 else f", drawn on their first two principal axes ({dim}-D)"
+    note = (f"training embeddings n(f(x)){where} at each proxy selection; radius = covering radius of the training "
+            f"images, spread = mean distance between a class's proxies (0: coalesced)\nrun: {run_dir}")
+    finish_figure(fig, f"{run_title(run_dir)}: proxies at each selection (the supplement's Fig. 1)", note,
+                  right=LEGEND_INCHES)
+    class_legend(fig, class_names(selections), axes[0, 0].get_position().y1, axes[-1, 0].get_position().y0)
     save_figure(fig, path or run_dir / "instances.png")
     return panels
 
@@ -545,8 +669,8 @@ def plane_2d(points: np.ndarray, seed: int, max_points: int) -> tuple[np.ndarray
 
 def figure_tsne(runs: dict[str, Path], path: Path, split: str = "val", seed: int = 0,
                 max_points: int = 3000) -> dict[str, dict]:
-    """tsne.png: one panel per run (e.g. before / after CCP), the numbers of each written on it."""
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.8), squeeze=False)
+    """tsne.png: one panel per run (e.g. before / after CCP), the numbers of each written under it."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 5.6), squeeze=False)
     numbers = {}
     for ax, (label, run_dir) in zip(axes.flat, runs.items()):
         points, labels, metrics = read_embeddings(run_dir, split)
@@ -555,16 +679,17 @@ def figure_tsne(runs: dict[str, Path], path: Path, split: str = "val", seed: int
         ax.scatter(xy[:, 0], xy[:, 1], c=class_colors(labels[keep]), s=5, alpha=0.6, linewidths=0)
         if points.shape[1] == 2:  # the embedding itself: equal axes, and the unit circle n(x) lives in
             ax.add_patch(plt.Circle((0, 0), 1.0, fill=False, color="0.7", linewidth=0.8))
-            ax.set_aspect("equal")
+            ax.set_aspect("equal", adjustable="datalim")
         method = "2-D embedding" if points.shape[1] == 2 else f"t-SNE of {points.shape[1]}-D (seed {seed})"
-        ax.set_title(f"{label}: {split}, {method}", fontsize=9)
+        ax.set_title(f"{label}\n{split} embeddings, {method}", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
         n = numbers[label]
-        ax.text(0.02, 0.02, f"MAP@R {n['MAP@R']:.4f}\naverage covering radius {n['average_covering_radius']:.4f}\n"
-                f"mean inter-class distance {n['interclass_distance']:.4f}", transform=ax.transAxes, fontsize=8,
-                va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
-    fig.suptitle("numbers computed in the embedding space n(f(x)), not in the drawing plane", fontsize=8)
-    fig.tight_layout()
+        ax.set_xlabel(f"MAP@R {n['MAP@R']:.4f}, average covering radius {n['average_covering_radius']:.4f}\n"
+                      f"mean inter-class distance {n['interclass_distance']:.4f}", fontsize=8)  # off the points
+    title = " vs ".join(dict.fromkeys(run_title(d) for d in runs.values()))
+    note = ("numbers computed in the embedding space n(f(x)), not in the drawing plane; colours: classes\n"
+            + "; ".join(f"{label}: {d}" for label, d in runs.items()))
+    finish_figure(fig, f"{title}: the supplement's Fig. 2", note)
     save_figure(fig, path)
     return numbers
 
@@ -621,7 +746,8 @@ def percent(value: float | None, sd: float | None = None) -> str:
 
 
 def results_table(run_dir: Path, paper: dict | None = None) -> tuple[str, dict[str, dict]]:
-    """A markdown table of the run's test metrics beside PAPER.md §8's, and its numbers (fractions)."""
+    """A markdown table of the run's test metrics and its numbers (fractions); PAPER.md §8's number and the
+    difference beside them only where the paper has a row for the run's dataset and method."""
     run_dir = Path(run_dir)
     results = read_json(run_dir / "results.json")
     if results is None or not ({"mean", "test"} & results.keys()):
@@ -629,40 +755,47 @@ def results_table(run_dir: Path, paper: dict | None = None) -> tuple[str, dict[s
     config = read_config(run_dir)
     mean, sd, ensemble, seeds = run_summary(results)
     dataset, method = (config.get("dataset") or {}).get("name"), paper_method(config)
-    reference = (paper if paper is not None else paper_numbers()).get((method, dataset), {})
+    paper = paper if paper is not None else paper_numbers()
+    reference = paper.get((method, dataset), {}) if dataset in PAPER_DATASETS.values() else {}
     rows = {}
     for key in (k for k, v in mean.items() if isinstance(v, float)):
         ours = ensemble[key] if ensemble else mean[key]
         ref = reference.get(key)
         rows[key] = {"mean": mean[key], "sd": sd[key] if sd else None, "ensemble": ensemble[key] if ensemble else None,
                      "paper": ref, "difference": None if ref is None else ours - ref}
-    return table_text(run_dir, config, rows, method, dataset, bool(reference), seeds, results), rows
+    return table_text(run_dir, config, rows, method, bool(reference), seeds, results), rows
 
 
-def table_text(run_dir: Path, config: dict, rows: dict, method: str | None, dataset: str | None,
-               has_paper: bool, seeds: int, results: dict) -> str:
+def table_text(run_dir: Path, config: dict, rows: dict, method: str | None, has_paper: bool, seeds: int,
+               results: dict) -> str:
     dim = (config.get("model") or {}).get("embedding_dim", "?")
     models = max(1, len(results.get("models") or [None]) // seeds)
     over = f", ± sd over {seeds} seeds" if seeds > 1 else ""
     head = [f"{dim}-D mean of {models} model(s){over}"]
-    if any(r["ensemble"] is not None for r in rows.values()):
+    has_ensemble = any(r["ensemble"] is not None for r in rows.values())
+    if has_ensemble:
         head.append(f"{dim * models if isinstance(dim, int) else '?'}-D ensemble")
-    head += ["paper 512-D", "difference (points)"]
-    lines = [f"test metrics of {run_dir} ({method or config.get('method', '?')} on {dataset or '?'}), in %",
+    if has_paper:
+        head += ["paper 512-D", "difference (points)"]
+    lines = [f"test metrics of {run_title(run_dir)} ({run_dir}), in %",
              "", "| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for key, r in rows.items():
-        cells = [percent(r["mean"], r["sd"])] + ([percent(r["ensemble"])] if len(head) == 4 else [])
-        diff = "—" if r["difference"] is None else f"{100 * r['difference']:+.2f}"
-        lines.append(f"| {key} | " + " | ".join(cells + [percent(r["paper"]), diff]) + " |")
-    lines += ["", paper_note(method, dataset, has_paper, len(head) == 4)]
+        cells = [percent(r["mean"], r["sd"])] + ([percent(r["ensemble"])] if has_ensemble else [])
+        if has_paper:
+            cells += [percent(r["paper"]), "—" if r["difference"] is None else f"{100 * r['difference']:+.2f}"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", paper_note(config, method, has_paper, has_ensemble)]
     return "\n".join(lines)
 
 
-def paper_note(method: str | None, dataset: str | None, has_paper: bool, has_ensemble: bool) -> str:
+def paper_note(config: dict, method: str | None, has_paper: bool, has_ensemble: bool) -> str:
+    dataset = (config.get("dataset") or {}).get("name")
     if dataset not in PAPER_DATASETS.values():
-        return f"The paper reports no number for dataset {dataset!r} (PAPER.md §8 covers CUB, Cars, SOP, In-Shop)."
+        return (f"Not compared with the paper: no paper row for this dataset ({dataset_name(config) or '?'}; "
+                "PAPER.md §8 covers CUB, Cars, SOP and In-Shop).")
     if not has_paper:
-        return f"PAPER.md §8 has no row for this method ({method or 'unknown'}) on {dataset}."
+        return (f"Not compared with the paper: PAPER.md §8 has no row for this method ({method_name(config) or '?'}) "
+                f"on {dataset_name(config)}.")
     if not has_ensemble:
         return ("Difference: this run's single-model mean against the paper's 512-D ensemble; the paper says "
                 "128-D single models score about 4-10 points lower (PAPER.md §8).")
@@ -683,18 +816,21 @@ def report_run(run_dir: Path, split: str) -> list[Path]:
             written.append(model_dir / "instances.png")
         if (model_dir / "embeddings.npz").is_file():
             written.append(model_dir / "tsne.png")
-            figure_tsne({model_dir.name: model_dir}, written[-1], split)
+            figure_tsne({"best model": model_dir}, written[-1], split)
     if len(dirs) > 1:
         written.append(Path(run_dir) / "summary.png")
-        figure_comparison({str(d.relative_to(run_dir)): [d] for d in dirs}, written[-1])
+        figure_comparison({str(d.relative_to(run_dir)): [d] for d in dirs}, written[-1], run_title(run_dir),
+                          f"run: {run_dir}")
     return written
 
 
 def report_comparison(run_dirs: list[Path], out: Path, split: str) -> list[Path]:
     """comparison.png of several runs, and tsne_comparison.png when each run saved its embeddings."""
     out.mkdir(parents=True, exist_ok=True)
-    groups = {str(d): model_dirs(d) for d in run_dirs}
-    figure_comparison(groups, out / "comparison.png")
+    labels = [run_title(d) for d in run_dirs]  # the method and dataset; the path where two runs share them
+    labels = [f"{t} ({d})" if labels.count(t) > 1 else t for t, d in zip(labels, run_dirs)]
+    groups = dict(zip(labels, map(model_dirs, run_dirs)))
+    figure_comparison(groups, out / "comparison.png", note="; ".join(f"{t}: {d}" for t, d in zip(labels, run_dirs)))
     written = [out / "comparison.png"]
     firsts = {label: dirs[0] for label, dirs in groups.items()}
     if all((d / "embeddings.npz").is_file() for d in firsts.values()):

@@ -1,6 +1,7 @@
 """report.py: the figures of short digits runs and of synthetic selection / embedding files, checked by
-the numbers each figure writes (recomputed here from metrics.jsonl or by brute force), never by pixels;
-the table beside PAPER.md §8; clear errors for broken run dirs."""
+the numbers each figure writes (recomputed here from metrics.jsonl or by brute force) and by the Figure
+objects it saves (titles, legends, error bars, where text lies), never by pixels; the table beside
+PAPER.md §8 only for the paper's datasets; clear errors for broken run dirs."""
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.container import ErrorbarContainer
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 import report
@@ -27,6 +33,26 @@ def runs(digits_run, tmp_path_factory) -> dict[str, Path]:
     assert train.main([str(ROOT / "configs" / "digits_ccp.yaml"), f"run_dir={root / 'folds'}", "train.max_steps=5",
                        "fold=null", *schedule]) == 0
     return {"single": single, "folds": root / "folds"}
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The matplotlib Figures report.py saves during a test, in order (they stay readable after saving)."""
+    figures = []
+    save = report.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    return figures
+
+
+def rendered(fig):
+    """Draw the figure again on an Agg canvas (report.py closed it); returns that canvas's renderer."""
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
 
 
 def read_log(path: Path) -> list[dict]:
@@ -123,12 +149,21 @@ def test_report_png_numbers_equal_metrics_jsonl(runs, tmp_path):
     assert numbers["last_loss"] == evals[-1]["loss"]
 
 
-def test_command_line_writes_every_figure_and_the_tables(runs, tmp_path, capsys):
+def test_command_line_writes_every_figure_and_the_tables(runs, tmp_path, capsys, drawn):
     assert report.main([str(runs["single"]), str(runs["folds"]), "--out", str(tmp_path)]) == 0
+    # every title names the method and the dataset (and which model), the run's path in small type below
+    titles = [fig.get_suptitle() for fig in drawn]
+    assert len(titles) == 3 + 4 + 1  # report, instances, tsne; 3 fold reports and the summary; the comparison
+    assert all(title.startswith("MS-CCP on digits, fold 2, seed 0") for title in titles[:3])
+    assert titles[3:7] == [f"MS-CCP on digits, fold {f}, seed 0" for f in range(3)] + [
+        "MS-CCP on digits, 3 folds, seed 0"]
+    assert titles[7] == "MS-CCP on digits"  # the comparison: both runs are MS-CCP on digits
+    assert all(str(runs["single"]) in fig.texts[-1].get_text() for fig in drawn[:3])
+    assert error_bars(drawn[6]) == 0  # summary.png: one model a bar
     out = capsys.readouterr().out
     results = json.loads((runs["single"] / "results.json").read_text())
-    assert f"| MAP@R | {100 * results['mean']['MAP@R']:.2f} | — | — |" in out
-    assert "no number for dataset 'digits'" in out
+    assert f"| MAP@R | {100 * results['mean']['MAP@R']:.2f} |\n" in out  # no paper columns for digits
+    assert "no paper row for this dataset (digits;" in out and "paper 512-D" not in out
     assert report.results_table(runs["folds"])[0] in out
     single = [runs["single"] / name for name in ("report.png", "instances.png", "tsne.png")]
     folds = [runs["folds"] / f"fold{fold}" / "report.png" for fold in range(3)] + [runs["folds"] / "summary.png"]
@@ -160,7 +195,7 @@ def test_comparison_of_two_runs(runs, tmp_path):
              for f in range(3)]
     assert numbers["folds"]["test_MAP@R"] == pytest.approx((np.mean(tests), np.std(tests, ddof=1)))
     single = json.loads((runs["single"] / "results.json").read_text())["mean"]["MAP@R"]
-    assert numbers["single"]["test_MAP@R"] == (single, 0.0)
+    assert numbers["single"]["test_MAP@R"] == (single, None)  # one model: no sd
 
 
 def test_fig1_and_fig2_of_a_real_run(runs, tmp_path):
@@ -183,13 +218,133 @@ def test_fig1_and_fig2_of_a_real_run(runs, tmp_path):
     assert numbers["run"]["interclass_distance"] == pytest.approx(interclass_reference(x, y), rel=1e-6)
 
 
+# ----------------------------------------------------------------------------- what a new user reads on the figures
+
+@pytest.mark.parametrize("config, title", [
+    ({"method": "ccp", "loss": {"name": "triplet"}, "dataset": {"name": "cub"}}, "Triplet-CCP on CUB"),
+    ({"method": "baseline", "loss": {"name": "c2"}, "dataset": {"name": "inshop"}}, "C2 on In-Shop"),
+    ({"method": "xbm", "loss": {"name": "c1"}, "dataset": {"name": "sop"}}, "C1-XBM on SOP"),
+    ({"method": "proxy_anchor", "loss": {"name": "ms"}, "dataset": {"name": "cars"}}, "Proxy-Anchor on Cars"),
+    ({"method": "ccp", "loss": {"name": "ms"}, "dataset": {"name": "folder", "root": "/data/flowers/"}},
+     "MS-CCP on your images (flowers/)"),
+    ({"method": "ccp", "loss": {"name": "ms"}, "dataset": {"name": "digits"}, "projection": {"lam": 0.0},
+      "ccp": {"reselect": False}}, "MS-CCP (λ = 0, no re-selection) on digits"),  # digits_fig1_before.yaml
+])
+def test_title_of_each_method_and_dataset(tmp_path, config, title):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 3, "fold": None, "folds": 4}))
+    assert report.run_title(tmp_path) == f"{title}, 4 folds, seed 3"
+    (tmp_path / "fold1").mkdir()  # a model of the run: its folder names its fold
+    assert report.run_title(tmp_path / "fold1") == f"{title}, fold 1, seed 3"
+
+
+def test_fig1_has_a_legend_entry_per_class_outside_the_panels(runs, tmp_path, drawn):
+    report.figure_instances(runs["single"], tmp_path / "fig1.png")
+    fig = drawn[-1]
+    renderer = rendered(fig)
+    legend = next(legend for legend in fig.legends if legend.get_title().get_text() == "class")
+    with np.load(runs["single"] / "selections" / "final.npz") as f:
+        classes = np.unique(f["fit_labels"])
+    assert [t.get_text() for t in legend.get_texts()] == [str(c) for c in classes] == ["0", "1", "2", "3"]
+    for box in (legend.get_window_extent(renderer) for legend in fig.legends):
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+
+def test_fig1_legend_names_the_classes_where_the_selection_file_does(tmp_path, drawn):
+    fit = np.random.default_rng(0).normal(0, 0.5, (20, 2))
+    write_selection(tmp_path / "selections" / "final.npz", 40, 1, fit[:6], fit[6:12], fit, np.repeat([0, 1], 10),
+                    class_names=np.array(["roses", "tulips"]))
+    report.figure_instances(tmp_path)
+    legend = next(legend for legend in drawn[-1].legends if legend.get_title().get_text() == "class")
+    assert [t.get_text() for t in legend.get_texts()] == ["roses", "tulips"]
+
+
+def densify(xy: np.ndarray, samples: int = 20) -> np.ndarray:
+    """The polyline's vertices and `samples` points along each of its segments."""
+    if len(xy) < 2:
+        return xy
+    t = np.linspace(0, 1, samples)[None, :, None]
+    return (xy[:-1, None, :] + (xy[1:] - xy[:-1])[:, None, :] * t).reshape(-1, 2)
+
+
+def drawn_data(ax) -> tuple[np.ndarray, list]:
+    """Display coordinates of everything the axes draw as data inside them (line vertices and points along
+    the lines, scatter points, error bars), and the window boxes of its bars."""
+    points = [densify(line.get_transform().transform(line.get_xydata())) for line in ax.lines]
+    for collection in ax.collections:
+        if isinstance(collection, PathCollection):
+            points.append(collection.get_offset_transform().transform(collection.get_offsets()))
+        elif isinstance(collection, LineCollection):
+            points += [densify(collection.get_transform().transform(s)) for s in collection.get_segments()]
+    xy = np.concatenate(points) if points else np.zeros((0, 2))
+    box = ax.get_window_extent()
+    inside = (xy[:, 0] >= box.x0) & (xy[:, 0] <= box.x1) & (xy[:, 1] >= box.y0) & (xy[:, 1] <= box.y1)
+    return xy[inside], [p.get_window_extent() for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def text_boxes(fig, renderer) -> list:
+    """(text, window box) of every written text but tick labels: titles, axis labels, annotations, figure
+    texts, legend entries (and the legends' frames)."""
+    texts = list(fig.texts) + ([fig._suptitle] if fig._suptitle not in fig.texts else [])
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    texts += [t for legend in legends for t in legend.get_texts()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text().strip()]
+    frames = [(f"legend {legend.get_title().get_text()}", legend.get_window_extent(renderer)) for legend in legends]
+    return boxes + frames
+
+
+def assert_no_text_over_data(fig) -> int:
+    renderer = rendered(fig)
+    boxes = text_boxes(fig, renderer)
+    checked = 0
+    for ax in fig.axes:
+        points, bars = drawn_data(ax)
+        checked += len(points) + len(bars)
+        for text, box in boxes:
+            covered = [p for p in points if box.x0 < p[0] < box.x1 and box.y0 < p[1] < box.y1]
+            assert not covered, f"{text!r} covers data at {covered[0]} on the axes titled {ax.get_title()!r}"
+            assert not any(box.overlaps(bar) for bar in bars), f"{text!r} covers a bar on {ax.get_title()!r}"
+    return checked
+
+
+def test_no_text_or_legend_covers_data(runs, tmp_path, drawn):
+    report.figure_run(runs["single"], tmp_path / "report.png")
+    report.figure_instances(runs["single"], tmp_path / "fig1.png")
+    report.figure_tsne({"run": runs["single"]}, tmp_path / "fig2.png", max_points=60)
+    report.figure_comparison({"single": [runs["single"]], "folds": sorted(runs["folds"].glob("fold*"))},
+                             tmp_path / "c.png")
+    for fig in drawn:
+        assert assert_no_text_over_data(fig) > 50  # it did look at the data
+    # the check itself: a caption inside a panel, as report.py once wrote them, is caught
+    ax = drawn[0].axes[0]
+    ax.text(0.98, 0.03, "best 0.7 at step 5", transform=ax.transAxes, ha="right")
+    ax.text(*ax.lines[0].get_xydata()[1], "a text on a point")
+    with pytest.raises(AssertionError, match="covers data"):
+        assert_no_text_over_data(drawn[0])
+
+
+def error_bars(fig) -> int:
+    return sum(isinstance(c, ErrorbarContainer) for ax in fig.axes for c in ax.containers)
+
+
+def test_error_bars_only_where_several_models_contribute(runs, tmp_path, drawn):
+    folds = sorted(runs["folds"].glob("fold*"))
+    numbers = report.figure_comparison({"single": [runs["single"]]}, tmp_path / "one.png")
+    assert numbers["single"]["best_val_MAP@R"][1] is None and error_bars(drawn[-1]) == 0
+    assert "±" not in drawn[-1].axes[1].get_title()
+    report.figure_comparison({"single": [runs["single"]], "folds": folds}, tmp_path / "two.png")
+    assert error_bars(drawn[-1]) == 2  # best validation and test of the 3 fold models; none for the single run
+    assert "mean ± sd" in drawn[-1].axes[1].get_title()
+
+
 # ----------------------------------------------------------------------------- Fig. 1 on synthetic files
 
-def write_selection(path: Path, step: int, instance: int, converged, selected, fit, fit_labels) -> None:
+def write_selection(path: Path, step: int, instance: int, converged, selected, fit, fit_labels, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, step=step, instance=instance, converged_proxies=converged, selected_proxies=selected,
              proxy_labels=np.repeat(np.arange(2), 3), fit_embeddings=fit, fit_labels=fit_labels,
-             normalization="lipschitz")
+             normalization="lipschitz", **extra)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -266,6 +421,25 @@ def test_table_puts_the_ensemble_beside_the_paper_with_the_difference(tmp_path):
     assert "queries_without_match" not in rows
     assert "| P@1 | 75.00 ± 1.00 | 80.00 | 83.76 | -3.76 |" in text
     assert "| metric | 128-D mean of 4 model(s), ± sd over 2 seeds | 512-D ensemble |" in text
+
+
+def test_no_paper_comparison_for_digits_or_your_own_images(runs, tmp_path, drawn):
+    # even with a (made-up) paper row for the method on these datasets: the paper has none
+    paper = {("MS-CCP (L)", name): {"P@1": 0.5, "MAP@R": 0.2} for name in ("digits", "folder")}
+    text, rows = report.results_table(runs["single"], paper)
+    assert "no paper row for this dataset (digits;" in text
+    folder = Path(shutil.copytree(runs["single"], tmp_path / "flowers_run"))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["dataset"] = {"name": "folder", "root": "/some/flowers"}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    folder_text, folder_rows = report.results_table(folder, paper)
+    assert "test metrics of MS-CCP on your images (flowers/), fold 2, seed 0" in folder_text
+    assert "no paper row for this dataset (your images (flowers/);" in folder_text
+    for table, numbers in ((text, rows), (folder_text, folder_rows)):
+        assert "paper" not in table.splitlines()[2] and "difference" not in table  # the header: no paper columns
+        assert all(r["paper"] is None and r["difference"] is None for r in numbers.values())
+    report.figure_run(folder, tmp_path / "report.png")
+    assert drawn[-1].get_suptitle() == "MS-CCP on your images (flowers/), fold 2, seed 0"
 
 
 def test_a_method_the_paper_does_not_report_is_said_so(tmp_path):
