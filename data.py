@@ -13,6 +13,7 @@ is a pure function of its seed: the same in every DataLoader worker, process and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import functools
@@ -74,13 +75,47 @@ def _by_hand(name: str, root: Path) -> str:
 # ----------------------------------------------------------------------------- images
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file into RGB (grayscale, palette, CMYK, RGBA all become RGB; alpha is dropped).
+class _OneLineFromWorkers:
+    """An error naming an image file whose message stays one line when a DataLoader worker raised it.
 
-    16-bit grey (PIL's I;16 modes) keeps its high byte, value >> 8, as PIL itself reads 16-bit RGB
-    (PIL's own conversion would clip every value above 255 to white). Raises FileNotFoundError or
-    ValueError naming the path, never a bare PIL traceback, so a corrupt file is identified even
-    when it is read inside a DataLoader worker.
+    torch re-raises a worker's exception as its class called with "Caught X in DataLoader worker
+    process N.\\nOriginal Traceback ..." and the worker's whole traceback; this constructor keeps only
+    the original message (the traceback's last `X: message` line), so `error: {err}` is one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            prefix = f"{type(self).__name__}: "
+            raised = [line for line in message.splitlines() if prefix in line]
+            message = raised[-1].split(prefix, 1)[1] if raised else message
+        super().__init__(message)
+
+
+class UnreadableImage(_OneLineFromWorkers, ValueError):
+    """An image file that does not decode, or whose pixels have no faithful 8-bit RGB reading."""
+
+
+class MissingImage(_OneLineFromWorkers, FileNotFoundError):
+    """An image file that does not exist."""
+
+
+# PIL modes read by PIL's own conversion to RGB: exact, or PIL's formula for CMYK and YCbCr (no colour
+# profiles); alpha is dropped, not composited. 16-bit grey is read below; every other mode is refused.
+_RGB_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# formats whose 32-bit "I" pixels hold 16-bit grey, 0-65535: PNG (Pillow < 10.3), PGM with maxval > 255
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+_REFUSED_MODES = {"I": "32-bit integers of unknown range", "F": "floats of unknown range"}
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file into 8-bit RGB by the rules of docs/DATASETS.md ("Pixels").
+
+    Grey, palette, CMYK, YCbCr and 1-bit convert as PIL converts them; alpha is dropped. 16-bit grey
+    (PIL's I;16 modes, and I from PNG or PGM) keeps its high byte, value >> 8, as PIL reads 16-bit RGB.
+    Other modes (32-bit I or F, LAB, premultiplied alpha) would be clipped or guessed: refused. Errors
+    name the path in one line, also from inside a DataLoader worker: MissingImage (a FileNotFoundError)
+    or UnreadableImage (a ValueError).
     """
     try:
         with Image.open(path) as image:
@@ -88,13 +123,20 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             # palette transparency must go through RGBA, or PIL warns and may lose colours
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
-            if image.mode.startswith("I;16"):
-                image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+            if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format in _SIXTEEN_BIT_I_FORMATS):
+                image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+            if image.mode not in _RGB_MODES:
+                what = _REFUSED_MODES.get(image.mode, "no exact conversion to RGB")
+                raise UnreadableImage(f"cannot read image {path}: PIL mode {image.mode} ({what}) is refused rather "
+                                      f"than clipped or guessed; save it as 8-bit RGB or grey")
             return image.convert("RGB")
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file not found: {path}") from err
+        raise MissingImage(f"image file not found: {path}") from err
+    except UnreadableImage:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from err
+        message = " ".join(str(err).splitlines())  # one line, whatever the decoder said
+        raise UnreadableImage(f"cannot decode image {path}: {message}") from err
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -477,6 +519,7 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str,
                                 class_names=class_names)
     else:
         root = Path(root).expanduser()
+        _refuse_unfinished_extraction(name, root)
         if name == "inshop":
             paths, class_ids, universe = _read_inshop(root, split)
         else:
@@ -486,6 +529,19 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str,
         dataset = RetrievalDataset(paths, labels, num_classes, name=f"{name} {split}")
     _warn_counts(dataset, name, split, root)
     return dataset.with_transform(transform)
+
+
+def _refuse_unfinished_extraction(name: str, root: Path) -> None:
+    """One line if `download` began extracting the archive of `name` into root (or into root's parent,
+    when root is the archive's inner folder) and did not finish: its files may be missing or cut off."""
+    if name not in ARCHIVES:
+        return
+    for folder in (root, root.parent):
+        marker = extracting_marker(folder, ARCHIVES[name][1])
+        if marker.exists():
+            raise ValueError(f"{name}: the extraction of {ARCHIVES[name][1]} into {folder} did not finish "
+                             f"(interrupted, or still running: {marker} is there); run `python data.py download "
+                             f"{name} --root {folder}` again, which extracts it again")
 
 
 def _warn_counts(dataset: RetrievalDataset, name: str, split: str, root: Path | None) -> None:
@@ -800,21 +856,42 @@ def _inside(folder: Path, member: str, archive: Path) -> None:
         raise ValueError(f"extract: {archive} member {member!r} would be written outside {folder}; refusing")
 
 
+def extracting_marker(folder: str | os.PathLike, archive_name: str) -> Path:
+    """The file that says an extraction of `archive_name` into folder started and has not finished."""
+    return Path(folder) / f".extracting-{archive_name}"
+
+
+@contextlib.contextmanager
+def _marked_extraction(archive: Path, folder: Path) -> Iterator[None]:
+    # written before the first member, removed after the last: an error or a kill -9 leaves it in place
+    marker = extracting_marker(folder, archive.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"extraction of {archive} started; this file is removed when it completes\n")
+    yield
+    marker.unlink()
+
+
 def extract(archive: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Unpack a .zip or tar archive into folder, refusing members that would land outside it."""
+    """Unpack a .zip or tar archive into folder, refusing members that would land outside it.
+
+    While it runs, extracting_marker(folder, archive name) exists: build_dataset refuses a folder an
+    interrupted extraction left (kill -9, a full disk) until an extraction completes.
+    """
     archive, folder = Path(archive), Path(folder)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 _inside(folder, member, archive)
-            zf.extractall(folder)
+            with _marked_extraction(archive, folder):
+                zf.extractall(folder)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
             for member in tf.getmembers():
                 _inside(folder, member.name, archive)
                 if member.issym() or member.islnk():
                     _inside(folder, os.path.join(os.path.dirname(member.name), member.linkname), archive)
-            tf.extractall(folder, filter="data")
+            with _marked_extraction(archive, folder):
+                tf.extractall(folder, filter="data")
     else:
         raise ValueError(f"extract: {archive} is neither a zip nor a tar archive")
 

@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 import threading
+import traceback
 import unicodedata
 import urllib.error
 import warnings
@@ -162,6 +163,93 @@ def test_unreadable_image_error_names_its_path(tmp_path, kind, error, message):
     dataset = data.RetrievalDataset([str(path)], [0], 1, name="one image")
     with pytest.raises(error, match=f"{message} {path}"):
         dataset[0]
+
+
+def _write_mode(path: Path, case: str, rng) -> np.ndarray | None:
+    """A file that PIL opens in the mode of `case`; the RGB pixels load_image must return (None: refused)."""
+    rgb = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    grey = rng.integers(0, 65536, (6, 10), dtype=np.uint16)
+    high_byte = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)  # the rule for 16-bit grey
+    if case == "1":
+        Image.fromarray(rgb[..., 0] > 127).save(path)
+        return np.repeat(np.where(rgb[..., :1] > 127, 255, 0).astype(np.uint8), 3, axis=2)
+    if case == "LA":
+        Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]])).save(path)
+        return np.repeat(rgb[..., :1], 3, axis=2)  # alpha dropped
+    if case == "P":  # with transparency
+        colours = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+        rgb = colours[rng.integers(0, 4, rgb.shape[:2])]
+        Image.fromarray(rgb).quantize(4).save(path, transparency=0)
+        return rgb
+    if case == "RGBA":
+        Image.fromarray(np.dstack([rgb, rgb[..., 1]])).save(path)
+        return rgb
+    if case == "CMYK":  # PIL's formula: RGB -> CMYK (K = 0) -> RGB is exact
+        Image.fromarray(rgb).convert("CMYK").save(path)
+        return rgb
+    if case in ("I;16", "I PNG"):  # "I PNG": a 16-bit grey PNG as Pillow < 10.3 opens it
+        Image.fromarray(grey).save(path)
+        return high_byte
+    if case == "I;16B":
+        Image.frombytes("I;16B", (10, 6), grey.astype(">u2").tobytes()).save(path)
+        return high_byte
+    if case == "I PGM":  # 16-bit PGM: PIL opens it as 32-bit I holding 0-65535
+        path.write_bytes(b"P5\n10 6\n65535\n" + grey.astype(">u2").tobytes())
+        return high_byte
+    if case == "I TIFF":
+        Image.fromarray(grey.astype(np.int32) * 1000).save(path)
+    elif case == "F TIFF":
+        Image.fromarray(grey.astype(np.float32) / 65535).save(path)
+    elif case == "F PFM":
+        Image.fromarray(grey.astype(np.float32)).save(path, "PPM")
+    elif case == "LAB":
+        Image.fromarray(rgb).convert("LAB").save(path)
+    return None
+
+
+MODE_CASES = {"1": "x.png", "LA": "x.png", "P": "x.png", "RGBA": "x.png", "CMYK": "x.tif", "I;16": "x.png",
+              "I;16B": "x.tif", "I PGM": "x.pgm", "I PNG": "x.png", "I TIFF": "x.tif", "F TIFF": "x.tif",
+              "F PFM": "x.pfm", "LAB": "x.tif"}
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_every_pil_mode_is_read_faithfully_or_refused_naming_file_and_mode(tmp_path, monkeypatch, case):
+    if case == "I PNG":
+        from PIL import PngImagePlugin
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))  # Pillow < 10.3's table
+    path = tmp_path / MODE_CASES[case]
+    expected = _write_mode(path, case, np.random.default_rng(len(case)))
+    mode = case.split()[0]
+    with Image.open(path) as opened:
+        assert opened.mode == mode and (mode != "P" or "transparency" in opened.info)
+    if expected is not None:
+        image = data.load_image(path)
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
+    else:  # never silently clipped: one line naming the file and its mode
+        with pytest.raises(ValueError) as caught:
+            data.load_image(path)
+        assert str(caught.value).startswith(f"cannot read image {path}: PIL mode {mode} (")
+        assert "\n" not in str(caught.value) and isinstance(caught.value, data.UnreadableImage)
+
+
+@pytest.mark.parametrize("kind, error, message", [("corrupt", ValueError, "cannot decode image"),
+                                                  ("missing", FileNotFoundError, "image file not found:"),
+                                                  ("float", ValueError, "cannot read image")])
+def test_an_unreadable_image_read_in_a_dataloader_worker_is_one_line_naming_it(tmp_path, kind, error, message):
+    bad = tmp_path / "bad image.tif"
+    if kind == "corrupt":
+        bad.write_bytes(b"this is not an image")
+    elif kind == "float":
+        Image.fromarray(np.ones((16, 24), np.float32)).save(bad)
+    good = write_image(tmp_path / "good.jpg")
+    dataset = data.RetrievalDataset([str(good), str(bad)], [0, 0], 1, data.build_transform("resnet", False, 8, 8))
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
+    with pytest.raises(error) as caught:
+        next(batches)
+    text = str(caught.value)
+    traceback.clear_frames(caught.tb)  # torch's re-raise is a reference cycle: the worker ends here, not at a
+    del batches, caught  # later collection (5 s) or in a process a later test forks
+    assert text.startswith(f"{message} {bad}") and "\n" not in text  # not "Caught ValueError in DataLoader worker"
 
 
 # ----------------------------------------------------------------------------- Cars196, three layouts
@@ -717,6 +805,78 @@ def test_extract_refuses_path_traversal(tmp_path):
         with pytest.raises(ValueError, match="would be written outside"):
             data.extract(archive, tmp_path / "out")
     assert not (tmp_path / "evil.txt").exists()
+
+
+def make_sop(root):
+    base = root / "Stanford_Online_Products"
+    for split, first_class in (("train", 1), ("test", 11319)):
+        lines = ["image_id class_id super_class_id path"]
+        for k in range(4):
+            image_id, class_id = k + first_class, first_class + k // 2
+            relative = f"mug_final/{class_id}_{image_id}.JPG"
+            write_image(base / relative, seed=image_id)
+            lines.append(f"{image_id} {class_id} 8 {relative}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def _archive(name, source, tmp_path):
+    """The benchmark's archive (tar for cub, zip for sop) of a tiny copy made under source."""
+    if name == "cub":
+        make_cub(source)
+        archive = tmp_path / "CUB_200_2011.tgz"
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(source / "CUB_200_2011", arcname="CUB_200_2011")
+    else:
+        base = make_sop(source)
+        archive = tmp_path / "Stanford_Online_Products.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(base.rglob("*")):
+                zf.write(path, path.relative_to(source).as_posix())
+    return archive
+
+
+@pytest.mark.parametrize("name, inner", [("cub", "CUB_200_2011"), ("sop", "Stanford_Online_Products")])
+def test_an_interrupted_extraction_is_refused_until_download_extracts_again(tmp_path, monkeypatch, capsys, name,
+                                                                           inner):
+    archive = _archive(name, tmp_path / "source", tmp_path)
+    written = []
+
+    def killed_after_three(original):  # the process dies (kill -9) after 3 files: nothing after it runs
+        def write(self, *args, **kwargs):
+            if len(written) == 3:
+                raise RuntimeError("simulated kill -9")
+            written.append(args[0])
+            return original(self, *args, **kwargs)
+        return write
+
+    if name == "cub":  # TarFile.makefile writes each file of a tar, ZipFile.open reads each one of a zip
+        monkeypatch.setattr(tarfile.TarFile, "makefile", killed_after_three(tarfile.TarFile.makefile))
+    else:
+        monkeypatch.setattr(zipfile.ZipFile, "open", killed_after_three(zipfile.ZipFile.open))
+    target = tmp_path / "target"
+    digest = md5(archive.read_bytes())
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        data.download_dataset(name, target, archive.as_uri(), digest)
+    monkeypatch.undo()
+    marker = target / f".extracting-{archive.name}"  # data.extracting_marker(target, archive.name)
+    assert marker.is_file() and len(written) == 3
+    for root in (target, target / inner):  # the root the archive went into, or its inner folder
+        for split in ("train", "test"):
+            with pytest.raises(ValueError) as caught:
+                data.build_dataset(name, root, split)
+            assert str(caught.value) == (
+                f"{name}: the extraction of {archive.name} into {target} did not finish (interrupted, or still "
+                f"running: {marker} is there); run `python data.py download {name} --root {target}` again, which "
+                f"extracts it again")
+    assert data.main(["check", name, "--root", str(target)]) == 1
+    assert f"PROBLEM: {name}: the extraction of {archive.name} into {target} did not finish" in capsys.readouterr().out
+    # running download again re-extracts the (already verified) archive; a complete extraction leaves no marker
+    assert data.main(["download", name, "--root", str(target), "--url", archive.as_uri(), "--md5", digest]) == 1
+    out = capsys.readouterr().out
+    assert out.count("PROBLEM:") == 2 and out.count(COUNT_WARNING) == 2  # only the tiny copy's counts
+    assert not list(target.glob(".extracting-*"))
+    assert len(build(name, target, "train")) == (5 if name == "cub" else 4)
 
 
 def test_download_extract_and_check_cli(cub_root, tmp_path, capsys):
