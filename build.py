@@ -8,6 +8,7 @@ every object a checkpoint carries so that a resumed run continues exactly. The p
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,17 @@ def changed_settings(saved: dict, cfg: dict) -> str:
     return ", ".join(f"{k}={new[k]!r}" for k in new if k not in bookkeeping_keys and old.get(k, new[k]) != new[k])
 
 
+def check_inputs(cfg: dict, folds: list[int]) -> None:
+    """What a run reads and what the data must hold, checked before anything is written: the data, the
+    pretrained weights, and enough training classes in each fold for a batch."""
+    for fold in folds:
+        fit = build_splits(cfg, fold)["fit"]
+        if fit.num_classes < cfg["data"]["classes_per_batch"]:
+            raise ConfigError(f"config key data.classes_per_batch: {cfg['data']['classes_per_batch']} classes a "
+                              f"batch, but fold {fold} of {cfg['folds']} trains on {fit.num_classes} classes")
+    build_network(cfg, cfg["seed"])
+
+
 def build_network(cfg: dict, seed: int) -> model.EmbeddingModel:
     """The embedding model of the config; backbone_kwargs that leave a layer without weights are an error."""
     mc = cfg["model"]
@@ -205,11 +217,14 @@ def describe_run(r: Run) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available; under torchrun, auto and cuda mean this process's GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key device: {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 

@@ -2,20 +2,22 @@
 
 usage: python train.py CONFIG.yaml [key=value ...]
   e.g. python train.py configs/digits_ccp.yaml
-       python train.py configs/sop_ms.yaml fold=0 run_dir=runs/sop_ms_fold0
        python train.py configs/sop_ms.yaml resume=auto          (continue an interrupted run)
        python train.py configs/sop_ms.yaml eval_only=true resume=runs/sop_ms/fold0/best.pt run_dir=runs/eval
+       torchrun --standalone --nproc_per_node=4 train.py configs/sop_ms.yaml   (the models over 4 processes)
 Every key, with the paper's value, is in config.py's DEFAULTS (docs/configuration.md explains each).
 
-Read `train_one_model` beside PAPER.md §2: it is Algorithm 1, one step a line; the class CCP below it
-owns the method's state and decisions, and the baselines run the same loop with NoCCP. The rest is the
-protocol of PAPER.md §7 (folds, the 512-D ensemble, repeats) and the test of PAPER.md §6.
+Read `train_one_model` beside PAPER.md §2 (Algorithm 1, one step a line) and the class CCP below it (the
+method's state and decisions; the baselines run the same loop with NoCCP). Then the protocol of PAPER.md
+§7 (folds, the 512-D ensemble, repeats, spread over torchrun's processes) and the test of §6.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import math
+import os
 import shlex
 import sys
 import time
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import build
 import config
@@ -362,33 +365,85 @@ def run_directory(cfg: dict) -> Path:
 
 
 def run(cfg: dict) -> dict:
-    """Train every requested (seed, fold) model and write run_dir/results.json."""
+    """Train every requested (seed, fold) model and write run_dir/results.json. Under torchrun the models
+    are dealt out to the processes, each trains its own exactly as one process would, and rank 0 writes
+    the results from what all of them return."""
     run_dir = run_directory(cfg)
     folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
     seeds = [cfg["seed"] + r for r in range(cfg["repeats"])]
     # (seed, fold, the folder of its checkpoints and log): seedS/ and foldF/ only where there are several
     models = [(seed, fold, run_dir / (f"seed{seed}" if len(seeds) > 1 else "")
                / (f"fold{fold}" if len(folds) > 1 else "")) for seed in seeds for fold in folds]
-    with contextlib.ExitStack() as locks:  # one process per run_dir and per model folder, so nested runs too
-        for folder in dict.fromkeys([run_dir, *(model_dir for _, _, model_dir in models)]):
-            locks.enter_context(RunLock(folder))
-        check_run_dir(cfg, run_dir)
-        return train_all_models(cfg, run_dir, models)
+    rank, world = process_group()
+    mine = models[rank::world]
+    with contextlib.ExitStack() as locks:
+        # one process per run_dir and per model folder, so nested runs too; every check before anything is written
+        with all_agree(world):
+            for folder in dict.fromkeys([run_dir] * (rank == 0) + [model_dir for _, _, model_dir in mine]):
+                locks.enter_context(RunLock(folder))
+            if rank == 0:
+                check_run_dir(cfg, run_dir)
+            for seed, fold, model_dir in mine:  # the checkpoint a resume names, the data and the weights
+                build.find_checkpoint(cfg, fold, seed, model_dir)
+            build.check_inputs(cfg, sorted({fold for _, fold, _ in mine}))
+        if rank == 0:
+            write_config_once(run_dir, cfg)
+        trained = {}
+        for seed, fold, model_dir in mine:
+            prefix = f"[seed {seed} fold {fold}] " if len(models) > 1 else ""
+            try:
+                trained[seed, fold] = train_one_model(cfg, fold, seed, model_dir, prefix)
+            except (ValueError, OSError, NonFiniteError) as err:  # under torchrun: say which model failed
+                raise err if world == 1 else type(err)(f"{prefix}{err}") from None
+        trained = gather(trained, world)
+        return summarize_run(cfg, run_dir, models, trained) if rank == 0 else {}
 
 
-def train_all_models(cfg: dict, run_dir: Path, models: list[tuple[int, int, Path]]) -> dict:
+def process_group() -> tuple[int, int]:
+    """(rank, number of processes) under torchrun, joined in a gloo group for the checks and the results;
+    (0, 1) otherwise. Each process computes on its own device (build.resolve_device: cuda:LOCAL_RANK)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    if not dist.is_initialized():  # models train for hours between the group's two meetings
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def all_agree(world: int):
+    """Run the checks of every process; if one fails, all stop with its error before anything is written."""
+    error = None
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        error = err
+    errors = [error] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if any(errors):
+        raise ConfigError(f"another process refused to start: {next(e for e in errors if e)}")
+
+
+def gather(trained: dict, world: int) -> dict:
+    """Every process's trained models, on rank 0 (as one dict); unchanged in one process."""
+    if world == 1:
+        return trained
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(trained, parts, dst=0)
+    return {key: value for part in parts or [] for key, value in part.items()}
+
+
+def summarize_run(cfg: dict, run_dir: Path, models: list[tuple[int, int, Path]], trained: dict) -> dict:
+    """results.json: every model's test metrics, their mean, the fold ensemble and the repeats (PAPER.md §7)."""
     folds, seeds = sorted({fold for _, fold, _ in models}), sorted({seed for seed, _, _ in models})
-    for seed, fold, model_dir in models:  # every checkpoint a resume names is checked before anything is written
-        build.find_checkpoint(cfg, fold, seed, model_dir)
-    build.build_splits(cfg, models[0][1]), build.build_network(cfg, models[0][0])  # so are the data and weights
-    write_config_once(run_dir, cfg)
     results: dict[str, Any] = {"config": cfg, "git_commit": git_commit(), "models": []}
     embeddings = {}  # (seed, fold) -> the model's normalised test embeddings
-    for seed, fold, model_dir in models:
-        prefix = f"[seed {seed} fold {fold}] " if len(models) > 1 else ""
-        trained = train_one_model(cfg, fold, seed, model_dir, prefix)
-        embeddings[seed, fold] = trained.pop("embeddings")
-        results["models"].append(trained)
+    for seed, fold, _ in models:
+        result = dict(trained[seed, fold])
+        embeddings[seed, fold] = result.pop("embeddings")
+        results["models"].append(result)
     per_seed = [{"seed": seed, "mean": summarize([m["test"] for m in results["models"] if m["seed"] == seed])[0]}
                 for seed in seeds]
     results["per_seed"] = per_seed

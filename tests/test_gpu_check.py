@@ -34,7 +34,8 @@ def quick_report(tmp_path_factory):
     speed_overrides = gpu_check.speed_overrides
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gpu_check, "METHOD_CONFIGS", {m: gpu_check.METHOD_CONFIGS[m] for m in ("ccp", "baseline")})
-        patch.setattr(gpu_check, "QUICK", dataclasses.replace(gpu_check.QUICK, timed_steps=1, loader_batches=2))
+        patch.setattr(gpu_check, "QUICK", dataclasses.replace(gpu_check.QUICK, timed_steps=1, loader_batches=2,
+                                                              reselection_classes=200))
         patch.setattr(gpu_check, "speed_overrides", lambda *a: speed_overrides(*a) + ["data.num_workers=0"])
         with contextlib.redirect_stdout(io.StringIO()) as out:
             code = gpu_check.main(["--device", "cpu", "--quick", "--out", str(folder / "report.json"),
@@ -72,7 +73,7 @@ def test_quick_check_reports_speed_memory_and_projection(quick_report):
     for variant in ("plain", "ccp", "ccp_nchw"):
         assert 0 < step[variant]["min_ms"] <= step[variant]["median_ms"]
     assert step["channels_last_over_nchw"] == step["ccp"]["median_ms"] / step["ccp_nchw"]["median_ms"]
-    assert report["speed"]["reselection"]["classes"] == 2000 and report["speed"]["reselection"]["pool_size"] == 7
+    assert report["speed"]["reselection"]["classes"] == 200 and report["speed"]["reselection"]["pool_size"] == 7
     assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 0
     for config in ("configs/sop_ms.yaml", "configs/cub_ms.yaml"):
         low, high = report["projection"][config]["hours"]

@@ -4,6 +4,8 @@ protocol, and a fake CUB-200-2011 layout trained for a few steps."""
 import functools
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -443,19 +445,31 @@ def test_no_shipped_config_stops_before_the_supplements_longest_run():
             assert train.load_config(path)["train"]["max_steps"] >= 131_000, path.name
 
 
-def test_repeats_ensemble_is_averaged_over_every_combination_of_fold_models(tmp_path):
+FOLD_RUN = ["train.max_steps=5", "repeats=2", "fold=null", "evaluation.save_embeddings=true", "evaluation.nmi=false"]
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory) -> tuple[Path, dict]:
+    """2 seeds x 3 folds of the digits demo in one process, moved from run/ to ref/ once trained, so that
+    run/ is free for the same command under torchrun and the two can be compared byte for byte."""
+    root = tmp_path_factory.mktemp("folds")
+    results = run_digits(root, "run", *FOLD_RUN)
+    (root / "run").rename(root / "ref")
+    return root, results
+
+
+def test_repeats_ensemble_is_averaged_over_every_combination_of_fold_models(fold_run):
     """PAPER.md §7: the fold models' mean, the mean +- sd over repeats, and the ensemble's mean +- sd over all
     combinations of one repeat's model per fold (2 seeds x 3 folds: 2^3 = 8), each n(concat(n(f_1), ..., n(f_3)))."""
-    results = run_digits(tmp_path, "rep", "train.max_steps=5", "repeats=2", "fold=null",
-                         "evaluation.save_embeddings=true", "evaluation.nmi=false")
+    root, results = fold_run
     assert [(m["seed"], m["fold"]) for m in results["models"]] == [(s, f) for s in (0, 1) for f in range(3)]
     per_seed = [np.mean([m["test"]["MAP@R"] for m in results["models"] if m["seed"] == s]) for s in (0, 1)]
     assert [s["mean"]["MAP@R"] for s in results["per_seed"]] == pytest.approx(per_seed)
     assert results["mean"]["MAP@R"] == pytest.approx(np.mean(per_seed))
     assert results["sd"]["MAP@R"] == pytest.approx(np.std(per_seed, ddof=1))
-    assert all((tmp_path / "rep" / f"seed{s}" / f"fold{f}" / "best.pt").exists() for s in (0, 1) for f in range(3))
+    assert all((root / "ref" / f"seed{s}" / f"fold{f}" / "best.pt").exists() for s in (0, 1) for f in range(3))
     assert results["ensemble_combinations"] == 8
-    parts = {(s, f): np.load(tmp_path / "rep" / f"seed{s}" / f"fold{f}" / "embeddings.npz") for s in (0, 1)
+    parts = {(s, f): np.load(root / "ref" / f"seed{s}" / f"fold{f}" / "embeddings.npz") for s in (0, 1)
              for f in range(3)}
     labels = parts[0, 0]["test_labels"]
 
@@ -469,6 +483,25 @@ def test_repeats_ensemble_is_averaged_over_every_combination_of_fold_models(tmp_
     assert results["ensemble_mean"]["MAP@R"] == pytest.approx(np.mean(scores), abs=1e-6)
     assert results["ensemble_sd"]["MAP@R"] == pytest.approx(np.std(scores, ddof=1), abs=1e-6)
     assert [s["seed"] for s in results["per_seed"]] == [0, 1] and all("ensemble" in s for s in results["per_seed"])
+
+
+def test_torchrun_trains_the_models_on_its_processes_with_the_same_bits_as_one_process(fold_run):
+    """torchrun --nproc_per_node=2 (gloo, CPU): each process trains its share of the 6 models; every file
+    equals the one-process run's byte for byte (the logs but for their wall-clock seconds)."""
+    root, _ = fold_run
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               str(DIGITS), f"run_dir={root / 'run'}", *FAST, *FOLD_RUN]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = {f.relative_to(root / "ref") for f in (root / "ref").rglob("*") if f.is_file()}
+    assert reference == {f.relative_to(root / "run") for f in (root / "run").rglob("*") if f.is_file()}
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    for name in sorted(reference):
+        a, b = root / "ref" / name, root / "run" / name
+        if name.name == "metrics.jsonl":
+            assert strip(read_log(a)) == strip(read_log(b)), name
+        elif name.name not in (".lock", "segments.jsonl"):  # who held the lock, and when each segment started
+            assert a.read_bytes() == b.read_bytes(), name
 
 
 def test_covering_radius_before_a_reselection_is_that_of_the_converged_proxies(tmp_path, monkeypatch):
