@@ -393,8 +393,10 @@ def run(cfg: dict) -> dict:
             prefix = f"[seed {seed} fold {fold}] " if len(models) > 1 else ""
             try:
                 trained[seed, fold] = train_one_model(cfg, fold, seed, model_dir, prefix)
-            except (ValueError, OSError, NonFiniteError) as err:  # under torchrun: say which model failed
-                raise err if world == 1 else type(err)(f"{prefix}{err}") from None
+            except (ValueError, OSError, NonFiniteError) as err:
+                if world > 1:  # under torchrun: say which model failed
+                    raise type(err)(f"{prefix}{err}") from None
+                raise
         trained = gather(trained, world)
         return summarize_run(cfg, run_dir, models, trained) if rank == 0 else {}
 
@@ -417,13 +419,13 @@ def all_agree(world: int):
         yield
     except (ValueError, OSError) as err:
         error = err
-    errors = [error] if world == 1 else [None] * world
+    others = [None] * world
     if world > 1:
-        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        dist.all_gather_object(others, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    if any(errors):
-        raise ConfigError(f"another process refused to start: {next(e for e in errors if e)}")
+    if any(others):
+        raise ConfigError(f"another process refused to start: {next(filter(None, others))}")
 
 
 def gather(trained: dict, world: int) -> dict:
