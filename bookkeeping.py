@@ -230,12 +230,14 @@ def write_config_once(run_dir: Path, cfg: dict) -> None:
         atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg, sort_keys=False)))
 
 
-def record_segment(run_dir: Path, cfg: dict, from_step: int) -> None:
+def record_segment(run_dir: Path, cfg: dict, from_step: int, resolved: dict) -> None:
     """segments.jsonl gains one line per start or resume of a model's training: the settings, commit
-    and thread count that segment ran with (config.yaml keeps those the run started with)."""
+    and thread count that segment ran with (config.yaml keeps those the run started with), and what
+    its auto keys resolved to."""
     write_config_once(run_dir, cfg)
     append_jsonl({"from_step": from_step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit(),
-                  "threads": torch.get_num_threads(), "versions": versions(), "config": cfg}, run_dir / "segments.jsonl")
+                  "threads": torch.get_num_threads(), "versions": versions(), "config": cfg,
+                  "resolved": resolved}, run_dir / "segments.jsonl")
 
 
 def versions() -> dict[str, str]:

@@ -48,7 +48,9 @@ DEFAULTS: dict[str, Any] = {
         "classes_per_batch": 8,  # batch 32 = 8 classes x 4 images (PAPER.md §7)
         "samples_per_class": 4,
         "eval_batch_size": 128,
-        "num_workers": 4,
+        # DataLoader workers; auto: the CPU cores this process may use / the processes torchrun starts on this
+        # node, minus one for the main process, within [0, 16] (build.loader_workers)
+        "num_workers": "auto",
         "sampler": "rounds",  # rounds: every class once per shuffled round, as the authors (PAPER.md §7) | independent
     },
     "model": {
@@ -58,7 +60,9 @@ DEFAULTS: dict[str, Any] = {
         "pooling": "avg",  # avg | max
         "freeze_bn": True,  # BatchNorm gamma, beta and running statistics frozen (MLRC)
         "backbone_kwargs": {},  # keyword arguments of the backbone, e.g. {in_channels: 3} for tiny_cnn
-        "channels_last": True,  # weights and images in channels_last (NHWC) memory: the same model, a faster step
+        # weights and images in channels_last (NHWC) memory: the same model, another speed; auto: true on a CPU
+        # (faster there), false on CUDA (slower there: docs/gpu.md) (build.channels_last)
+        "channels_last": "auto",
     },
     "loss": {
         "name": "ms",  # c1 | c2 | triplet | ms (losses.LOSSES)
@@ -110,6 +114,8 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys whose default is null, with the type they take otherwise.
 NULLABLE = {"resume": str, "fold": int, "model.pretrained": str}
+# Keys whose default is "auto" (resolved per device or machine by build.py), with the type they take otherwise.
+AUTO = {"model.channels_last": bool, "data.num_workers": int}
 # Keys that hold keyword arguments of a function chosen by another key: checked against its signature.
 KWARGS_KEYS = ("loss.params", "baseline.params", "model.backbone_kwargs")
 KWARGS_LEAVES = {key.rsplit(".", 1)[1] for key in KWARGS_KEYS}
@@ -317,9 +323,9 @@ def _coerce(value: Any, default: Any) -> Any:
 
 
 def _check_type(key: str, value: Any, default: Any) -> None:
-    if value is None and key in NULLABLE:
+    if (value is None and key in NULLABLE) or (value == "auto" and key in AUTO):
         return
-    expected = NULLABLE.get(key, type(default))
+    expected = NULLABLE.get(key, AUTO.get(key, type(default)))
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
@@ -327,6 +333,8 @@ def _check_type(key: str, value: Any, default: Any) -> None:
     if expected is list:
         name = "a list of numbers"
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if key in AUTO:
+        name += " or auto"
     if not ok:
         number = _as_float(value)
         hint = f"; write {int(number)}" if expected is int and isinstance(number, float) and number.is_integer() else ""
@@ -334,8 +342,10 @@ def _check_type(key: str, value: Any, default: Any) -> None:
 
 
 def _check_value(key: str, value: Any) -> None:
-    """value among the key's CHOICES and within its RANGES (a null of a nullable key passes)."""
+    """value among the key's CHOICES and within its RANGES (null of a NULLABLE key, auto of an AUTO key pass)."""
     choices = CHOICES.get(key)
+    if value == "auto" and key in AUTO:
+        return
     if choices and value not in choices:
         raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
     rule = RANGES.get(key)

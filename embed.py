@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--k", type=int, default=5, help="neighbours per query (default 5; at most the gallery's size)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto (default): CUDA when available")
     add("--batch-size", type=int, metavar="N", help="images per batch (default: the run's data.eval_batch_size)")
-    add("--workers", type=int, metavar="N", help="DataLoader workers (default: the run's data.num_workers)")
+    add("--workers", type=int, metavar="N", help="DataLoader workers (default: the run's data.num_workers; auto: "
+                                                 "build.loader_workers)")
     return parser.parse_args(argv)
 
 
@@ -169,12 +170,14 @@ class Stacked(torch.nn.Module):
         return torch.stack([network(x) for network in self.networks], dim=1)
 
 
-def build_network(state: dict, path: Path) -> model.EmbeddingModel:
-    """The checkpoint's network as train.evaluate_saved builds it: its model keys, the layout it trained in."""
+def build_network(state: dict, path: Path, device: torch.device) -> model.EmbeddingModel:
+    """The checkpoint's network as train.evaluate_saved builds it: its model keys, the layout it trained in
+    (recorded in the checkpoint; before that, its config's value, and before that key, the default's)."""
     mc = state["config"]["model"]
-    channels_last = mc.get("channels_last", config.DEFAULTS["model"]["channels_last"])  # absent before it was a key
+    trained_layout = build.channels_last(mc.get("channels_last", config.DEFAULTS["model"]["channels_last"]), device)
     network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                backbone_kwargs=mc["backbone_kwargs"], channels_last=channels_last)
+                                backbone_kwargs=mc["backbone_kwargs"],
+                                channels_last=state.get("channels_last", trained_layout))
     try:
         network.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -250,12 +253,12 @@ def run(args: argparse.Namespace) -> None:
     states = load_states(source, paths)
     dc = states[0]["config"]["data"]
     batch_size = args.batch_size or dc["eval_batch_size"]
-    workers = dc["num_workers"] if args.workers is None else args.workers
+    workers = build.loader_workers(states[0]["config"]) if args.workers is None else args.workers
     what = paths[0] if len(paths) == 1 else f"the ensemble of the {len(paths)} models in {source}"
 
     make_deterministic(0)  # the kernels the run's own evaluation used
     cfg = states[0]["config"]
-    stacked = Stacked([build_network(state, path) for state, path in zip(states, paths)]).to(device)
+    stacked = Stacked([build_network(state, path, device) for state, path in zip(states, paths)]).to(device)
     embeddings = embed_images(stacked, cfg, images, device, batch_size, workers)
     if query is None:
         arrays = {"embeddings": embeddings.astype(np.float32), "paths": np.array(images.listing.paths, dtype=str)}

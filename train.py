@@ -244,7 +244,7 @@ def last_good_state(r: build.Run) -> str:
 # Validation, proxy selection and the test of the best model.
 
 def eval_loader(dataset, cfg: dict, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:
-    workers = cfg["data"]["num_workers"]
+    workers = build.loader_workers(cfg)
     return torch.utils.data.DataLoader(dataset, batch_size=cfg["data"]["eval_batch_size"], sampler=sampler,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        generator=torch.Generator().manual_seed(0))
@@ -476,20 +476,22 @@ def evaluate_checkpoint(cfg: dict) -> dict:
 def evaluate_saved(cfg: dict, path: Path, run_dir: Path) -> dict:
     """The test metrics of the checkpoint at `path`, written to run_dir/results.json."""
     state = load_checkpoint(path)
+    device = build.resolve_device(cfg["device"])
     # the network, n(x) and folds as the checkpoint was trained; the test data and metrics from cfg
     try:
         trained = state["config"]
         mc = trained["model"]
         # the layout it was trained in, so that the run's own test metrics are reproduced to the last bit
-        channels_last = mc.get("channels_last", cfg["model"]["channels_last"])  # absent before it was a key
+        # (recorded in the checkpoint; before that, its config's value, and before that key, this config's)
+        trained_layout = build.channels_last(mc.get("channels_last", cfg["model"]["channels_last"]), device)
         network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                     backbone_kwargs=mc["backbone_kwargs"], channels_last=channels_last)
+                                     backbone_kwargs=mc["backbone_kwargs"],
+                                     channels_last=state.get("channels_last", trained_layout))
         network.load_state_dict(state["model"])
         cfg = {**cfg, "normalization": trained["normalization"], "folds": trained["folds"]}
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another version's or a damaged checkpoint
         raise ConfigError(f"eval_only: {path} is not a checkpoint this version of train.py can evaluate "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    device = build.resolve_device(cfg["device"])
     splits = build.build_splits(cfg, state["fold"])
     metrics = test_metrics(cfg, test_embeddings(cfg, network.to(device), splits, device))
     save_json({"checkpoint": str(path), "step": state["step"], "test": metrics}, run_dir / "results.json")

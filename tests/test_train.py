@@ -74,7 +74,7 @@ def test_every_shipped_config_is_valid(path):
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_model_channels_last_sets_the_layout_of_the_network(channels_last):
     cfg = train.load_config(DIGITS, [f"model.channels_last={str(channels_last).lower()}"])
-    network = build.build_network(cfg, seed=0)
+    network = build.build_network(cfg, seed=0, device=torch.device("cpu"))
     conv = max((m for m in network.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.in_channels)
     assert conv.in_channels > 1 and conv.weight.is_contiguous() != channels_last
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -191,7 +191,7 @@ def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
 
 
 def test_two_runs_are_identical_with_or_without_loader_workers(digits_run, tmp_path):
-    run_digits(tmp_path, "b", *DIGITS_RUN, "data.num_workers=2")  # augmentation seeded per item
+    run_digits(tmp_path, "b", *DIGITS_RUN, "data.num_workers=1")  # augmentation seeded per item
     assert_same_run(digits_run, tmp_path / "b")
 
 
@@ -250,6 +250,45 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     err = capsys.readouterr().err
     assert code == 1 and "at step 15" in err and "nan" in err
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 10
+
+
+@pytest.mark.parametrize("value, device, expected", [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("auto", "cuda:1", False),
+    (True, "cuda", True), (False, "cpu", False), (True, "cpu", True), (False, "cuda", False)])
+def test_channels_last_auto_is_true_on_a_cpu_and_false_on_cuda(value, device, expected):
+    assert build.channels_last(value, torch.device(device)) is expected  # a device object, no GPU needed
+
+
+@pytest.mark.parametrize("cores, processes, expected", [
+    (16, None, 15), (16, "2", 7), (64, None, 16), (2, None, 1), (1, None, 0), (4, "8", 0), (33, "2", 15)])
+def test_auto_loader_workers_share_the_cores_among_the_processes(monkeypatch, cores, processes, expected):
+    monkeypatch.setattr(build.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert build.loader_workers({"data": {"num_workers": "auto"}}) == expected
+    assert build.loader_workers({"data": {"num_workers": 3}}) == 3  # an integer is taken as it is
+    monkeypatch.delattr(build.os, "sched_getaffinity")  # where it does not exist: all the machine's cores
+    monkeypatch.setattr(build.os, "cpu_count", lambda: cores)
+    assert build.loader_workers({"data": {"num_workers": "auto"}}) == expected
+
+
+def test_a_checkpoint_records_its_layout_and_eval_only_rebuilds_it(digits_run, tmp_path, monkeypatch):
+    """Trained on the CPU with model.channels_last: auto, the checkpoint says channels_last; eval_only
+    follows the checkpoint, not what auto would resolve to on the evaluating device."""
+    assert train.load_config(DIGITS)["model"]["channels_last"] == "auto"
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(digits_run / name, weights_only=True)["channels_last"] is True
+    segment = json.loads((digits_run / "segments.jsonl").read_text().splitlines()[0])
+    assert segment["resolved"] == {"model.channels_last": True, "data.num_workers": 0}
+    built, build_model = [], model.build_model
+    monkeypatch.setattr(model, "build_model", lambda *a, **k: built.append(k["channels_last"]) or build_model(*a, **k))
+    monkeypatch.setattr(train.build, "channels_last", lambda value, device: False)  # as on CUDA
+    cfg = train.load_config(DIGITS, [f"run_dir={tmp_path / 'eval'}", "eval_only=true",
+                                     f"resume={digits_run / 'best.pt'}"])
+    train.evaluate_checkpoint(cfg)
+    assert built == [True]
 
 
 def test_eval_only_reproduces_the_final_test_metrics(digits_run, tmp_path):
