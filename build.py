@@ -181,6 +181,15 @@ def changed_settings(saved: dict, cfg: dict) -> str:
     return ", ".join(f"{k}={new[k]!r}" for k in new if k not in bookkeeping_keys and old.get(k, new[k]) != new[k])
 
 
+def model_folders(cfg: dict) -> list[tuple[int, int, Path]]:
+    """(seed, fold, folder relative to run_dir) of every model the config trains, in training order:
+    seedS/ and foldF/ only where there are several."""
+    folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
+    seeds = [cfg["seed"] + r for r in range(cfg["repeats"])]
+    return [(seed, fold, Path(f"seed{seed}" if len(seeds) > 1 else "") / (f"fold{fold}" if len(folds) > 1 else ""))
+            for seed in seeds for fold in folds]
+
+
 def check_inputs(cfg: dict, folds: list[int]) -> None:
     """What a run reads and what the data must hold, checked before anything is written: the data, the
     pretrained weights, and enough training classes in each fold for a batch."""

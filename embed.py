@@ -114,15 +114,6 @@ def find_checkpoints(source: Path) -> list[Path]:
     return [path for _, path in sorted(zip(numbers, found))]  # seed2 before seed10
 
 
-def expected_model_dirs(cfg: dict) -> list[Path]:
-    """The folders of a run's models, relative to run_dir, as train.py names them (seedS/ and foldF/ only
-    where there are several)."""
-    folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
-    seeds = [cfg["seed"] + r for r in range(cfg["repeats"])]
-    return [Path(f"seed{seed}" if len(seeds) > 1 else "") / (f"fold{fold}" if len(folds) > 1 else "")
-            for seed in seeds for fold in folds]
-
-
 def load_states(source: Path, paths: list[Path]) -> list[dict]:
     """The checkpoints, loaded (one-line errors); a run directory must hold every model its config names."""
     states = []
@@ -133,7 +124,7 @@ def load_states(source: Path, paths: list[Path]) -> list[dict]:
             raise InputError(str(err).removeprefix("resume: ")) from None
     if source.is_dir() and paths != [source / "best.pt"]:
         found = {path.parent.relative_to(source) for path in paths}
-        missing = [d for d in expected_model_dirs(states[0]["config"]) if d not in found]
+        missing = [d for _, _, d in build.model_folders(states[0]["config"]) if d not in found]
         if missing:
             raise InputError(f"{source}: {missing[0] / 'best.pt'} is missing ({len(missing)} of the run's "
                              f"{len(found) + len(missing)} models lack a best.pt); has the run finished?")

@@ -369,11 +369,7 @@ def run(cfg: dict) -> dict:
     are dealt out to the processes, each trains its own exactly as one process would, and rank 0 writes
     the results from what all of them return."""
     run_dir = run_directory(cfg)
-    folds = range(cfg["folds"]) if cfg["fold"] is None else [cfg["fold"]]
-    seeds = [cfg["seed"] + r for r in range(cfg["repeats"])]
-    # (seed, fold, the folder of its checkpoints and log): seedS/ and foldF/ only where there are several
-    models = [(seed, fold, run_dir / (f"seed{seed}" if len(seeds) > 1 else "")
-               / (f"fold{fold}" if len(folds) > 1 else "")) for seed in seeds for fold in folds]
+    models = [(seed, fold, run_dir / folder) for seed, fold, folder in build.model_folders(cfg)]
     rank, world = process_group()
     mine = models[rank::world]
     with contextlib.ExitStack() as locks:
