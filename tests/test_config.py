@@ -146,18 +146,6 @@ def test_every_key_of_defaults_has_a_rule_and_every_rule_a_key():
     assert [key for key in (*config.RANGES, *config.CHOICES) if key not in flat] == []
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.channels_last=sometimes", "config key model.channels_last: expected bool or auto, got 'sometimes' (str)"),
-    ("model.channels_last=1", "config key model.channels_last: expected bool or auto, got 1 (int)"),
-    ("data.num_workers=sometimes", "config key data.num_workers: expected int or auto, got 'sometimes' (str)"),
-    ("data.num_workers=true", "config key data.num_workers: expected int or auto, got True (bool)"),
-])
-def test_an_auto_key_takes_auto_or_its_type(override, expected):
-    assert config.AUTO == {"model.channels_last": bool, "data.num_workers": int}
-    assert config.DEFAULTS["model"]["channels_last"] == config.DEFAULTS["data"]["num_workers"] == "auto"
-    assert error_of([override]) == f"{DIGITS}: {expected}"
-
-
 def test_the_defaults_themselves_are_valid():
     cfg = config.validate_config(copy.deepcopy(config.DEFAULTS), config.DEFAULTS)
     assert cfg == config.DEFAULTS
@@ -264,6 +252,11 @@ def test_float_written_without_a_dot_is_read_as_a_float(tmp_path):
     ("train.max_steps=1e5", "config key train.max_steps: expected int, got '1e5' (str); write 100000"),
     ("train.betas=0.9", "config key train.betas: expected a list of numbers, got 0.9 (float)"),
     ("train.betas=[a, 0.9]", "config key train.betas: expected a list of numbers, got ['a', 0.9] (list)"),
+    # the keys that take auto besides their type
+    ("model.channels_last=sometimes", "config key model.channels_last: expected bool or auto, got 'sometimes' (str)"),
+    ("model.channels_last=1", "config key model.channels_last: expected bool or auto, got 1 (int)"),
+    ("data.num_workers=sometimes", "config key data.num_workers: expected int or auto, got 'sometimes' (str)"),
+    ("data.num_workers=true", "config key data.num_workers: expected int or auto, got True (bool)"),
 ])
 def test_a_value_of_the_wrong_type_names_the_type_expected(override, message):
     assert error_of([override]).endswith(message)
