@@ -191,13 +191,14 @@ def model_folders(cfg: dict) -> list[tuple[int, int, Path]]:
 
 
 def check_inputs(cfg: dict, folds: list[int]) -> None:
-    """What a run reads and what the data must hold, checked before anything is written: the data, the
-    pretrained weights, and enough training classes in each fold for a batch."""
+    """What a run reads and what its folds must hold, checked before anything is written: the data (read
+    once for every fold), the pretrained weights."""
+    name, root = cfg["dataset"]["name"], cfg["dataset"]["root"]
+    labels = data.build_dataset(name, root, "train").labels
+    for split in data.SPLITS[name][1:]:  # the test split(s)
+        data.build_dataset(name, root, split)
     for fold in folds:
-        fit = build_splits(cfg, fold)["fit"]
-        if fit.num_classes < cfg["data"]["classes_per_batch"]:
-            raise ConfigError(f"config key data.classes_per_batch: {cfg['data']['classes_per_batch']} classes a "
-                              f"batch, but fold {fold} of {cfg['folds']} trains on {fit.num_classes} classes")
+        fold_classes(cfg, labels, fold)
     build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
 
 
@@ -258,23 +259,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def fold_classes(cfg: dict, labels: list[int], fold: int) -> tuple[list[int], list[int]]:
+    """The fit and validation classes of one MLRC fold (PAPER.md §7), refused where they cannot give a
+    meaningful run: fewer than 2 validation classes (MAP@R would be 1 for any model), or fewer fit classes
+    than a batch holds."""
+    classes = sorted(set(labels))
+    fit_classes, val_classes = data.mlrc_folds(classes, cfg["folds"])[fold]
+    if len(val_classes) < 2:
+        raise ConfigError(f"config key folds: fold {fold} of {cfg['folds']} validates on {len(val_classes)} class of "
+                          f"{len(classes)} training classes; validation needs at least 2: use fewer folds")
+    if len(fit_classes) < cfg["data"]["classes_per_batch"]:
+        raise ConfigError(f"config key data.classes_per_batch: {cfg['data']['classes_per_batch']} classes a batch, "
+                          f"but fold {fold} of {cfg['folds']} trains on {len(fit_classes)} classes")
+    return fit_classes, val_classes
+
+
 def build_splits(cfg: dict, fold: int) -> dict:
     """The fit and validation classes of one MLRC fold, and the test split(s) (PAPER.md §7)."""
     name, root, dc = cfg["dataset"]["name"], cfg["dataset"]["root"], cfg["data"]
     train_tf = data.build_transform(dc["transform"], True, dc["crop_size"], dc["resize"])
     eval_tf = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
     train = data.build_dataset(name, root, "train")
-    fit_classes, val_classes = data.mlrc_folds(sorted(set(train.labels)), cfg["folds"])[fold]
-    if len(val_classes) < 2:  # MAP@R is 1 for any model: the best model, the instances would be chosen at random
-        raise ConfigError(f"config key folds: fold {fold} of {cfg['folds']} validates on {len(val_classes)} class of "
-                          f"{len(set(train.labels))} training classes; validation needs at least 2: use fewer folds")
+    fit_classes, val_classes = fold_classes(cfg, train.labels, fold)
     splits = {
         "fit": data.class_subset(train.with_transform(train_tf), fit_classes),
         "val": data.class_subset(train.with_transform(eval_tf), val_classes),
         "fit_eval": data.class_subset(train.with_transform(eval_tf), fit_classes),  # for saved selections
     }
-    test_names = ("query", "gallery") if name == "inshop" else ("test",)
-    for split in test_names:
+    for split in data.SPLITS[name][1:]:  # the test split(s)
         splits[split] = data.build_dataset(name, root, split, eval_tf)
     return splits
 
