@@ -202,6 +202,18 @@ def check_inputs(cfg: dict, folds: list[int]) -> None:
     build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
 
 
+def saved_network(state: dict, device: torch.device, default_layout: bool | str = "auto") -> model.EmbeddingModel:
+    """A checkpoint's network with its weights, not moved to `device`, in the layout it was trained in, so
+    that its test metrics come out to the last bit (recorded in the checkpoint; before that, its config's
+    model.channels_last, and before that key, `default_layout`), resolved for `device`."""
+    mc = state["config"]["model"]
+    layout = state.get("channels_last", channels_last(mc.get("channels_last", default_layout), device))
+    network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
+                                backbone_kwargs=mc["backbone_kwargs"], channels_last=layout)
+    network.load_state_dict(state["model"])
+    return network
+
+
 def build_network(cfg: dict, seed: int, device: torch.device) -> model.EmbeddingModel:
     """The embedding model of the config, in the layout of model.channels_last on `device` (not moved
     there); backbone_kwargs that leave a layer without weights are an error."""

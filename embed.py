@@ -161,20 +161,13 @@ class Stacked(torch.nn.Module):
         return torch.stack([network(x) for network in self.networks], dim=1)
 
 
-def build_network(state: dict, path: Path, device: torch.device) -> model.EmbeddingModel:
-    """The checkpoint's network as train.evaluate_saved builds it: its model keys, the layout it trained in
-    (recorded in the checkpoint; before that, its config's value, and before that key, the default's)."""
-    mc = state["config"]["model"]
-    trained_layout = build.channels_last(mc.get("channels_last", config.DEFAULTS["model"]["channels_last"]), device)
-    network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                backbone_kwargs=mc["backbone_kwargs"],
-                                channels_last=state.get("channels_last", trained_layout))
+def saved_network(state: dict, path: Path, device: torch.device) -> model.EmbeddingModel:
+    """The checkpoint's network as train.evaluate_saved builds it (build.saved_network: the layout it trained in)."""
     try:
-        network.load_state_dict(state["model"])
+        return build.saved_network(state, device, default_layout=config.DEFAULTS["model"]["channels_last"])
     except RuntimeError as err:
         raise InputError(f"{path}: its weights do not fit the network its config describes: "
                          f"{str(err).splitlines()[0]}") from None
-    return network
 
 
 def dataset_of(images: Images, cfg: dict) -> data.RetrievalDataset:
@@ -249,7 +242,7 @@ def run(args: argparse.Namespace) -> None:
 
     make_deterministic(0)  # the kernels the run's own evaluation used
     cfg = states[0]["config"]
-    stacked = Stacked([build_network(state, path, device) for state, path in zip(states, paths)]).to(device)
+    stacked = Stacked([saved_network(state, path, device) for state, path in zip(states, paths)]).to(device)
     embeddings = embed_images(stacked, cfg, images, device, batch_size, workers)
     if query is None:
         arrays = {"embeddings": embeddings.astype(np.float32), "paths": np.array(images.listing.paths, dtype=str)}

@@ -32,7 +32,6 @@ import torch.distributed as dist
 import build
 import config
 import evaluate
-import model
 import projection
 import selection
 from bookkeeping import (RunLock, append_jsonl, check_run_dir, git_commit, holds_results, load_checkpoint, print_results,
@@ -475,15 +474,8 @@ def evaluate_saved(cfg: dict, path: Path, run_dir: Path) -> dict:
     device = build.resolve_device(cfg["device"])
     # the network, n(x) and folds as the checkpoint was trained; the test data and metrics from cfg
     try:
+        network = build.saved_network(state, device, default_layout=cfg["model"]["channels_last"])
         trained = state["config"]
-        mc = trained["model"]
-        # the layout it was trained in, so that the run's own test metrics are reproduced to the last bit
-        # (recorded in the checkpoint; before that, its config's value, and before that key, this config's)
-        trained_layout = build.channels_last(mc.get("channels_last", cfg["model"]["channels_last"]), device)
-        network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                     backbone_kwargs=mc["backbone_kwargs"],
-                                     channels_last=state.get("channels_last", trained_layout))
-        network.load_state_dict(state["model"])
         cfg = {**cfg, "normalization": trained["normalization"], "folds": trained["folds"]}
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another version's or a damaged checkpoint
         raise ConfigError(f"eval_only: {path} is not a checkpoint this version of train.py can evaluate "
