@@ -99,9 +99,10 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
         size = cfg["baseline"]["xbm_memory_batches"] * dc["classes_per_batch"] * dc["samples_per_class"]
         memory = losses.CrossBatchMemory(losses.LOSSES[cfg["loss"]["name"]], mc["embedding_dim"], size,
                                          normalize=normalizer(cfg), start=cfg["baseline"]["xbm_start_step"],
+                                         include_batch=cfg["baseline"]["xbm_include_batch"],
                                          **cfg["loss"]["params"]).to(device)
     sampler = data.MPerClassSampler(fit.labels, dc["samples_per_class"], dc["classes_per_batch"], tc["eval_every"],
-                                    seed, order=dc["sampler"])
+                                    seed, order=dc["sampler"], refill=dc["refill"])
     workers = loader_workers(cfg)
     loader = torch.utils.data.DataLoader(fit, batch_sampler=sampler, num_workers=workers,
                                          persistent_workers=workers > 0, pin_memory=device.type == "cuda",

@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         # node, minus one for the main process, within [0, 16] (build.loader_workers)
         "num_workers": "auto",
         "sampler": "rounds",  # rounds: every class once per shuffled round, as the authors (PAPER.md §7) | independent
+        # cycle: each class's shuffled image queue restarts every ceil(mean images per class / m) rounds, leftovers
+        # dropped, as the authors' samplers (batches, and k-center's candidates with m = 1) | empty: refilled when used up
+        "refill": "cycle",
     },
     "model": {
         "backbone": "bninception",  # bninception | resnet50 | tiny_cnn | mlp
@@ -90,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_steps": 0,  # steps that train only the embedding layer and the loss's parameters
         "xbm_memory_batches": 25,  # XBM memory size, in batches
         "xbm_start_step": 1000,  # the memory starts filling here; its loss is on once it is full
+        "xbm_include_batch": True,  # the batch is stored before its loss, so it meets its own copy (the authors')
     },
     "train": {
         "max_steps": 2_500_000,  # the authors' cap (10,000 x 250): early stopping ends runs (PAPER.md §7)
@@ -125,6 +129,7 @@ CHOICES = {
     "dataset.name": ("cub", "cars", "sop", "inshop", "digits", "folder"),
     "data.transform": ("bninception", "resnet", "digits"),
     "data.sampler": tuple(data.SAMPLER_ORDERS),
+    "data.refill": tuple(data.QUEUE_REFILLS),
     "loss.name": tuple(losses.LOSSES),
     "ccp.proxy_init": ("kcenter", "random"),
     "model.pooling": tuple(model.POOLINGS),

@@ -192,9 +192,9 @@ class RetrievalDataset(torch.utils.data.Dataset):
         return item, self.labels[index]
 
 
-def _contiguous(class_ids: Sequence[int], universe: Sequence[int] | None = None) -> tuple[list[int], int]:
-    """Map raw class ids to 0..C-1 in sorted order of the ids in `universe` (default: class_ids)."""
-    ranks = {cid: rank for rank, cid in enumerate(sorted(set(class_ids if universe is None else universe)))}
+def _contiguous(class_ids: Sequence[int], order: Sequence[int] | None = None) -> tuple[list[int], int]:
+    """Map raw class ids to 0..C-1 by their place in `order` (distinct ids; default: class_ids sorted)."""
+    ranks = {cid: rank for rank, cid in enumerate(sorted(set(class_ids)) if order is None else order)}
     return [ranks[cid] for cid in class_ids], len(ranks)
 
 
@@ -340,9 +340,10 @@ def _read_inshop(root: Path, split: str) -> tuple[list[str], list[int], list[int
         raise ValueError(f"{partition}: declares {declared!r} rows, {len(rows)} follow (truncated file?), "
                          f"evaluation_status {statuses} (expected train, query, gallery)")
     chosen = [(str(base / "Img" / name), item) for name, item, status in rows if status == split]
+    # items numbered by first appearance in the file, as the authors' inshop.py (so are the fold blocks);
     # query and gallery share one label mapping: the items of both
-    universe = [item for _, item, status in rows if (status == "train") == (split == "train")]
-    return [path for path, _ in chosen], [item for _, item in chosen], universe
+    order = list(dict.fromkeys(item for _, item, status in rows if (status == "train") == (split == "train")))
+    return [path for path, _ in chosen], [item for _, item in chosen], order
 
 
 def _digits(split: str) -> RetrievalDataset:
@@ -521,11 +522,11 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str,
         root = Path(root).expanduser()
         _refuse_unfinished_extraction(name, root)
         if name == "inshop":
-            paths, class_ids, universe = _read_inshop(root, split)
+            paths, class_ids, order = _read_inshop(root, split)
         else:
             paths, class_ids = {"cub": _read_cub, "cars": _read_cars, "sop": _read_sop}[name](root, split)
-            universe = None
-        labels, num_classes = _contiguous(class_ids, universe)
+            order = None
+        labels, num_classes = _contiguous(class_ids, order)
         dataset = RetrievalDataset(paths, labels, num_classes, name=f"{name} {split}")
     _warn_counts(dataset, name, split, root)
     return dataset.with_transform(transform)
@@ -592,9 +593,10 @@ def mlrc_folds(class_ids: Sequence[int], n_folds: int = 4) -> list[tuple[list[in
 # ----------------------------------------------------------------------------- sampler
 
 SAMPLER_ORDERS = ("rounds", "independent")
+QUEUE_REFILLS = ("cycle", "empty")  # a class's queue: rebuilt every cycle (the authors'), or refilled when empty
 # spawn keys that keep the round and queue streams apart from the batch stream [seed, epoch, b]:
 # SeedSequence pads short entropy with zeros, so [seed, r] alone would equal [seed, r, 0]
-_ROUNDS, _QUEUES = 1, 2
+_ROUNDS, _QUEUES, _CYCLES = 1, 2, 3
 
 
 def _draw_distinct(bits: np.random.PCG64, population: np.ndarray, k: int) -> np.ndarray:
@@ -634,22 +636,26 @@ class MPerClassSampler:
     order="rounds" (default, the authors' sampler, PAPER.md §7): with P = classes_per_batch and
     global batch number g = e·length + b, batch g visits class slots g·P … g·P+P−1 of an endless
     sequence of rounds, round r being a shuffle of all C classes seeded by (seed, r). Every class
-    is thus visited once per round before any class repeats. The visit of class c in round r takes
-    images r·m … r·m+m−1 of c's endless queue, the concatenation of shuffles of its images seeded
-    by (seed, c, cycle): no image repeats before the class is exhausted (m images that span a
-    refill may: the next shuffle is independent), and a class with fewer than m images wraps
-    into its next shuffle. A batch that straddles two rounds may visit one class twice (its last
-    visit of round r and its first of round r+1: the next 2m images of its queue), as the
-    authors' sampler does; the slots are never reordered, so the rounds stay exact.
+    is thus visited once per round before any class repeats. A visit takes the next m images of the
+    class's queue, shuffles of its images one after another: within a queue no image repeats before
+    the class is exhausted (m images that span a refill may); a class of fewer than m images wraps.
+    refill="cycle" (default, the authors'): each class's shuffled queue is rebuilt every
+    R = ceil(mean images per class / m) rounds, leftovers discarded; round r takes positions
+    (r mod R)·m … +m−1 of cycle r // R's queue, its shuffles seeded by (seed, c, r // R, j), j = 0, 1, …
+    refill="empty": one endless queue per class, shuffles seeded by (seed, c, j); round r takes its
+    positions r·m … r·m+m−1. A batch that straddles two rounds may visit one class twice (its last
+    visit of round r and its first of round r+1), as the authors' sampler does; the slots are never
+    reordered, so the rounds stay exact.
 
     order="independent": every batch draws P distinct classes and m distinct images of each
-    (with replacement when a class has fewer than m) afresh from the batch's own stream.
+    (with replacement when a class has fewer than m) afresh from the batch's own stream; refill
+    is ignored.
 
     The augmentation seeds come from the batch's own stream PCG64(SeedSequence([seed, e, b])).
     """
 
     def __init__(self, labels: Sequence[int], m: int, classes_per_batch: int, length: int, seed: int,
-                 *, order: str = "rounds") -> None:
+                 *, order: str = "rounds", refill: str = "cycle") -> None:
         labels = np.asarray(labels)
         classes = np.unique(labels)
         if min(m, length) < 1 or not 1 <= classes_per_batch <= len(classes):
@@ -657,8 +663,9 @@ class MPerClassSampler:
                              f"classes in labels), got m={m}, length={length}, classes_per_batch={classes_per_batch}")
         self.members = [np.flatnonzero(labels == c) for c in classes]
         self.m, self.classes_per_batch, self.length = m, classes_per_batch, length
-        self.seed, self.epoch, self.start, self.order = 0, 0, 0, order
-        self.load_state_dict({"seed": seed, "epoch": 0, "start": 0, "order": order})
+        self.cycle_rounds = -(-len(labels) // (len(classes) * m))  # R = ceil(N / C / m)
+        self.seed, self.epoch, self.start, self.order, self.refill = 0, 0, 0, order, refill
+        self.load_state_dict({"seed": seed, "epoch": 0, "start": 0, "order": order, "refill": refill})
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields batches start..length-1 of `epoch`."""
@@ -696,11 +703,15 @@ class MPerClassSampler:
 
     def _visit(self, c: int, r: int) -> list[int]:
         # queue positions r·m … r·m+m−1 of class c; queue position q is item q mod n of shuffle q // n
+        key, domain = (c,), _QUEUES
+        if self.refill == "cycle":  # round r is round r mod R of cycle r // R, whose queue starts afresh
+            cycle, r = divmod(r, self.cycle_rounds)
+            key, domain = (c, cycle), _CYCLES
         members, start = self.members[c], r * self.m
         n = len(members)
-        cycles = range(start // n, (start + self.m - 1) // n + 1)
-        queue = np.concatenate([_permutation(self.seed, (c, cycle), _QUEUES, n) for cycle in cycles])
-        offset = start - cycles[0] * n
+        shuffles = range(start // n, (start + self.m - 1) // n + 1)
+        queue = np.concatenate([_permutation(self.seed, (*key, j), domain, n) for j in shuffles])
+        offset = start - shuffles[0] * n
         return members[queue[offset:offset + self.m]].tolist()
 
     def _independent_batch(self, bits: np.random.PCG64) -> list[int]:
@@ -714,14 +725,16 @@ class MPerClassSampler:
         return indices
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "order": self.order}
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "order": self.order,
+                "refill": self.refill}
 
     def load_state_dict(self, state: dict) -> None:
-        """Adopt seed, order and position from `state`: they define the batches a resumed run continues."""
-        seed, epoch, start, order = (state[key] for key in ("seed", "epoch", "start", "order"))
-        if seed < 0 or order not in SAMPLER_ORDERS:
-            raise ValueError(f"MPerClassSampler: need seed >= 0 and order in {SAMPLER_ORDERS}, got {seed}, {order!r}")
-        self.seed, self.order = int(seed), order
+        """Adopt seed, order, refill and position from `state`: they define the batches a resumed run continues."""
+        seed, epoch, start, order, refill = (state[key] for key in ("seed", "epoch", "start", "order", "refill"))
+        if seed < 0 or order not in SAMPLER_ORDERS or refill not in QUEUE_REFILLS:
+            raise ValueError(f"MPerClassSampler: need seed >= 0, order in {SAMPLER_ORDERS} and refill in "
+                             f"{QUEUE_REFILLS}, got {seed}, {order!r}, {refill!r}")
+        self.seed, self.order, self.refill = int(seed), order, refill
         self.set_epoch(epoch, start)
 
 

@@ -354,21 +354,23 @@ class CrossBatchMemory(nn.Module):
     """Cross-batch memory (XBM, Wang et al., CVPR 2020): a FIFO ring buffer of the last `memory_size`
     detached n(x) and labels, used as extra references: loss_fn(n(x), y, memory, memory labels).
 
-    `forward` compares the batch with the memory as it was before the batch (so no embedding meets
-    its own copy) and then enqueues the batch; `enqueue` only stores. `scheduled_loss` is one
-    training step under the schedule of PAPER.md §4: nothing for the first `start` batches, then the
-    memory fills without a loss, and once it is full its loss is on. The queue, its pointer, its fill
-    count and the batches seen are buffers, so `state_dict()` carries them.
+    `forward` stores the batch and then compares it with the memory, so that a batch meets its own
+    copy (the order of XBM's and the authors' code, PAPER.md §7); include_batch=False compares with
+    the memory as it was before the batch, then stores it. `enqueue` only stores. `scheduled_loss` is
+    one training step under the schedule of PAPER.md §4: nothing for the first `start` batches, then
+    the memory fills without a loss, and its loss is on from the batch that meets it full. The queue,
+    its pointer, its fill count and the batches seen are buffers, so `state_dict()` carries them.
     """
 
     def __init__(self, loss_fn: Callable[..., Tensor], dim: int, memory_size: int,
                  normalize: Callable[[Tensor], Tensor] = lipschitz_normalize, start: int = 0,
-                 **loss_params: float) -> None:
+                 include_batch: bool = True, **loss_params: float) -> None:
         super().__init__()
         _check_positive("CrossBatchMemory", dim=dim, memory_size=memory_size)
         _expect("CrossBatchMemory", start >= 0, "start >= 0 batches", repr(start))
         _check_loss_params("CrossBatchMemory", loss_fn, loss_params)
         self.loss_fn, self.normalize, self.start, self.loss_params = loss_fn, normalize, start, loss_params
+        self.include_batch = include_batch
         self.register_buffer("memory", torch.zeros(memory_size, dim))
         self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # next row to overwrite
@@ -389,6 +391,10 @@ class CrossBatchMemory(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         _check_batch("CrossBatchMemory", embeddings, labels, self.memory, "the memory")
         z = self.normalize(embeddings)
+        if self.include_batch:
+            self._push(z.detach(), labels)
+            filled = len(self)
+            return self.loss_fn(z, labels, self.memory[:filled], self.memory_labels[:filled], **self.loss_params)
         filled = len(self)
         if filled == 0:
             loss = z.new_zeros(()) + 0.0 * z.sum()  # a zero tied to the graph: backward() works on an empty memory
@@ -401,10 +407,11 @@ class CrossBatchMemory(nn.Module):
 
     def scheduled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The memory's term for one training batch: 0 before `start` batches have passed and while
-        the memory fills, then forward() (PAPER.md §4: the term is switched on once the memory is full)."""
+        the memory fills, then forward() (PAPER.md §4: the term is on once the batch meets a full memory)."""
         seen = int(self.batches_seen)
         self.batches_seen.add_(1)
-        if seen >= self.start and self.is_full:
+        meets = len(self) + (len(labels) if self.include_batch else 0)  # rows the batch would meet
+        if seen >= self.start and meets >= len(self.memory):
             return self(embeddings, labels)
         if seen >= self.start:
             self.enqueue(embeddings.detach(), labels)
@@ -428,7 +435,7 @@ class CrossBatchMemory(nn.Module):
     def extra_repr(self) -> str:
         params = "".join(f", {k}={v}" for k, v in self.loss_params.items())
         return (f"loss_fn={_name(self.loss_fn)}, dim={self.memory.shape[1]}, memory_size={len(self.memory)}, "
-                f"normalize={_name(self.normalize)}, start={self.start}{params}")
+                f"normalize={_name(self.normalize)}, start={self.start}, include_batch={self.include_batch}{params}")
 
 # --------------------------------------------------------------------------- input checks (public entry points only)
 

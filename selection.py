@@ -157,36 +157,51 @@ class CandidateStream:
     As the authors' one-image-per-class iterator (PAPER.md §7), successive pools see other images of
     a class: each class has a queue of its images in shuffled order, a draw takes the next pool_size
     of every queue, and an emptied queue refills with a fresh permutation (a small class wraps around
-    within one draw). Queue e of class c is the stable argsort of the raw outputs of
-    PCG64(SeedSequence([seed, TAG, c, e])), so a draw depends on (seed, taken) alone, taken being the
-    images drawn per class so far; state_dict() holds just those.
+    within one draw). refill="cycle" (default, the authors'): every R = ceil(N / C) images per class
+    (the mean class size) the queue is rebuilt, leftovers discarded; image p of class c is image
+    p mod R of cycle p // R, whose permutation j is seeded [seed, CYCLE_TAG, c, p // R, j].
+    refill="empty": one endless queue, permutation e seeded [seed, TAG, c, e]. A permutation is the
+    stable argsort of PCG64(SeedSequence(seeds))'s raw outputs, so a draw depends on (seed, refill,
+    taken) alone, taken being the images drawn per class so far; state_dict() holds just those.
     """
 
     TAG = 0x63616E64  # "cand": keeps these streams apart from a run's other SeedSequence([seed, ...]) streams
+    CYCLE_TAG = 0x6379636C  # "cycl": the same for the cycle queues, apart from the endless ones too
+    REFILLS = ("cycle", "empty")  # a class's queue: rebuilt every cycle (the authors'), or refilled when empty
 
-    def __init__(self, class_to_indices: Sequence[Sequence[int]], seed: int) -> None:
+    def __init__(self, class_to_indices: Sequence[Sequence[int]], seed: int, refill: str = "cycle") -> None:
         self.classes = [np.asarray(indices, dtype=np.int64).reshape(-1) for indices in class_to_indices]
         if any(len(indices) == 0 for indices in self.classes):
             raise ValueError("CandidateStream: every class needs an image; class_to_indices has an empty class")
-        self.seed, self.taken = operator.index(seed), 0
+        self.cycle = -(-sum(len(indices) for indices in self.classes) // len(self.classes))  # R = ceil(N / C)
+        self.seed, self.taken, self.refill = operator.index(seed), 0, refill
+        self.load_state_dict(self.state_dict())  # checks refill
 
-    def _queue(self, c: int, epoch: int) -> np.ndarray:
-        """The dataset indices of class c in the order of its epoch-th queue."""
-        bits = np.random.PCG64(np.random.SeedSequence([self.seed, self.TAG, c, epoch]))
+    def _seeds(self, c: int, p: int) -> tuple[tuple[int, ...], int]:
+        """(seeds of the permutation, index in it) of image p of class c's queue."""
+        n = len(self.classes[c])
+        if self.refill == "empty":
+            return (self.seed, self.TAG, c, p // n), p % n
+        cycle, p = divmod(p, self.cycle)  # image p is image p mod R of cycle p // R
+        return (self.seed, self.CYCLE_TAG, c, cycle, p // n), p % n
+
+    def _queue(self, c: int, seeds: tuple[int, ...]) -> np.ndarray:
+        """The dataset indices of class c in the order of the permutation seeded by `seeds`."""
+        bits = np.random.PCG64(np.random.SeedSequence(seeds))
         return self.classes[c][np.argsort(bits.random_raw(len(self.classes[c])), kind="stable")]
 
     def draw(self, pool_size: int) -> list[list[int]]:
         """The next pool_size dataset indices of every class: a list of C lists, class c's first."""
         pools = []
-        for c, indices in enumerate(self.classes):
-            positions = range(self.taken, self.taken + pool_size)  # in class c's endless queue
-            queues = {e: self._queue(c, e) for e in {p // len(indices) for p in positions}}
-            pools.append([int(queues[p // len(indices)][p % len(indices)]) for p in positions])
+        for c in range(len(self.classes)):
+            where = [self._seeds(c, p) for p in range(self.taken, self.taken + pool_size)]
+            queues = {seeds: self._queue(c, seeds) for seeds in dict.fromkeys(seeds for seeds, _ in where)}
+            pools.append([int(queues[seeds][i]) for seeds, i in where])
         self.taken += pool_size
         return pools
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "taken": self.taken, "num_classes": len(self.classes),
+        return {"seed": self.seed, "taken": self.taken, "refill": self.refill, "num_classes": len(self.classes),
                 "num_images": sum(len(indices) for indices in self.classes)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,7 +210,10 @@ class CandidateStream:
         if any(state.get(key) != own[key] for key in ("num_classes", "num_images")):
             raise ValueError(f"CandidateStream: {state} is not the state of a stream over {own['num_classes']} "
                              f"classes and {own['num_images']} images")
+        if state["refill"] not in self.REFILLS:
+            raise ValueError(f"CandidateStream: need refill in {self.REFILLS}, got {state['refill']!r}")
         self.seed, self.taken = operator.index(state["seed"]), operator.index(state["taken"])
+        self.refill = state["refill"]
 
 
 def candidate_pool(

@@ -86,8 +86,11 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
 
 def update(r: build.Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     """One train_step; the proxy baselines' warm-up first trains only the embedding layer and the loss."""
+    warmup = r.cfg["baseline"]["warmup_steps"]
     for p in r.backbone_trainable:
-        p.requires_grad_(r.step >= r.cfg["baseline"]["warmup_steps"])
+        p.requires_grad_(r.step >= warmup)
+    if r.step == warmup > 0:  # after the warm-up a fresh Adam (t = 0, no moments), as the authors compile one
+        r.optimizer = build.build_optimizer(r.cfg, r.network, r.objective)
     try:
         return train_step(r.network, r.compute_loss, r.optimizer, inputs, labels, r.ccp.pull)
     except NonFiniteError as err:
@@ -123,7 +126,8 @@ class CCP:
         self.controller = projection.AlternatingProjections(**r.cfg["projection"])  # t, λ_t, convergence
         labels = np.asarray(r.splits["fit"].labels)  # pool(θ) draws from one run-long stream of images per class
         self.candidates = selection.CandidateStream([np.flatnonzero(labels == c).tolist()
-                                                     for c in range(r.splits["fit"].num_classes)], r.seed)
+                                                     for c in range(r.splits["fit"].num_classes)], r.seed,
+                                                    refill=r.cfg["data"]["refill"])
         self.best: dict | None = None  # θ*, P* of the running instance, in host memory
 
     instance = property(lambda self: self.controller.instance)

@@ -3,6 +3,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import tarfile
 import threading
 import traceback
@@ -145,7 +146,7 @@ def _malformed_cars(root):
     ("cub", _malformed_cub, r"image_class_labels.txt:9: expected 2 fields, got '99 1 extra'"),
     ("cars", _malformed_cars, r"anno_test.csv:5: expected fname,x1,y1,x2,y2,class \(1..196\), got \['x.jpg'"),
     ("inshop", lambda root: make_inshop(root, declared=52712),
-     r"list_eval_partition.txt: declares '52712' rows, 8 follow \(truncated file\?\)"),
+     r"list_eval_partition.txt: declares '52712' rows, 9 follow \(truncated file\?\)"),
 ], ids=["cub-fields", "cars-class", "inshop-truncated"])
 def test_malformed_metadata_names_the_file_and_line(tmp_path, name, make, pattern):
     make(tmp_path)
@@ -347,6 +348,7 @@ def make_inshop(root, declared=None):
     rows = [("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),
             ("img/WOMEN/Dresses/id_00000002/02_2_side.jpg", "id_00000002", "train"),
             ("img/MEN/Denim/id_00000080/01_1_front.jpg", "id_00000080", "train"),
+            ("img/MEN/Denim/id_00000001/01_1_front.jpg", "id_00000001", "train"),  # listed after 80
             ("img/MEN/Denim/id_00000007/01_1_front.jpg", "id_00000007", "query"),
             ("img/MEN/Denim/id_00000007/01_2_side.jpg", "id_00000007", "gallery"),
             ("img/WOMEN/Tees/id_00000005/01_1_front.jpg", "id_00000005", "gallery"),  # gallery only
@@ -361,18 +363,21 @@ def make_inshop(root, declared=None):
     return rows
 
 
-def test_inshop_query_and_gallery_share_one_mapping(tmp_path):
+def test_inshop_items_numbered_by_first_appearance_query_and_gallery_share_one_mapping(tmp_path):
+    # as the authors' inshop.py: labels (and so the fold blocks) follow the partition file's order
     rows = make_inshop(tmp_path)
-    test_items = sorted({item for _, item, status in rows if status != "train"})
+    test_items = list(dict.fromkeys(item for _, item, status in rows if status != "train"))
     for split in ("train", "query", "gallery"):
         dataset = build("inshop", tmp_path, split)
         chosen = [(name, item) for name, item, status in rows if status == split]
-        universe = sorted({item for _, item in chosen}) if split == "train" else test_items
+        universe = list(dict.fromkeys(item for _, item in chosen)) if split == "train" else test_items
         assert dataset.paths == [str(tmp_path / "Img" / name) for name, _ in chosen]
         assert dataset.labels == [universe.index(item) for _, item in chosen]
         assert dataset.num_classes == len(universe)
+    train = build("inshop", tmp_path, "train")
+    assert train.labels == [0, 0, 1, 2]  # items 02, 80, 01 in the file's order, not sorted
     query, gallery = build("inshop", tmp_path, "query"), build("inshop", tmp_path, "gallery")
-    assert query.labels == [1, 2] and gallery.labels == [1, 0, 2]  # items 05 < 07 < 09
+    assert query.labels == [0, 2] and gallery.labels == [0, 1, 2]  # items 07, 05, 09 as listed
 
 
 # ----------------------------------------------------------------------------- digits, subsets, folds
@@ -439,20 +444,33 @@ def epochs_of(sampler, epochs):
     return batches
 
 
-def visits(batch, m):
+def visits(batch, m, labels=LABELS):
     """[(class, indices)] of the blocks of m consecutive keys; each block must hold one class."""
     blocks = [[i for i, _ in batch[k:k + m]] for k in range(0, len(batch), m)]
-    assert all(len({LABELS[i] for i in block}) == 1 for block in blocks)
-    return [(LABELS[block[0]], block) for block in blocks]
+    assert all(len({labels[i] for i in block}) == 1 for block in blocks)
+    return [(labels[block[0]], block) for block in blocks]
 
 
-def class_streams(batches, m):
+def class_streams(batches, m, labels=LABELS):
     """Per class, its images in the order the batches visit them."""
-    streams = {c: [] for c in range(len(MEMBERS))}
+    streams = {c: [] for c in sorted(set(labels))}
     for batch in batches:
-        for c, block in visits(batch, m):
+        for c, block in visits(batch, m, labels):
             streams[c] += block
     return streams
+
+
+def queue_chunks(stream, n, cycle):
+    """stream cut into cycles of `cycle` images (None: one endless queue), each cycle into chunks of n."""
+    cycles = [stream] if cycle is None else [stream[s:s + cycle] for s in range(0, len(stream), cycle)]
+    return [part[k:k + n] for part in cycles for k in range(0, len(part), n)]
+
+
+def is_queue_of(stream, members, cycle):
+    """Each chunk of len(members) from a queue's start is distinct images of the class, a full one all of them."""
+    return all(len(set(chunk)) == len(chunk) and set(chunk) <= set(members) and
+               (len(chunk) < len(members) or sorted(chunk) == sorted(members))
+               for chunk in queue_chunks(stream, len(members), cycle))
 
 
 def shuffle(seed, key, domain, n):
@@ -461,11 +479,12 @@ def shuffle(seed, key, domain, n):
     return sorted(range(n), key=lambda i: (int(raw[i]), i))
 
 
-def rounds_reference(m, classes_per_batch, seed, n_batches):
+def rounds_reference(m, classes_per_batch, seed, n_batches, refill):
     """The authors' sampler as a state machine: take classes from shuffled rounds, and each visit's
-    m images from the class's queue, refilled with its next shuffle only when empty."""
+    m images from the class's queue, refilled with its next shuffle when empty; with refill="cycle",
+    every queue is emptied (leftovers dropped) at the start of each cycle of ceil(N / C / m) rounds."""
+    cycle_rounds = math.ceil(len(LABELS) / len(MEMBERS) / m)
     round_number, round_left = -1, []
-    queues, cycles = [[] for _ in MEMBERS], [0] * len(MEMBERS)
     batches = []
     for _ in range(n_batches):
         batch = []
@@ -473,11 +492,16 @@ def rounds_reference(m, classes_per_batch, seed, n_batches):
             if not round_left:
                 round_number += 1
                 round_left = shuffle(seed, (round_number,), 1, len(MEMBERS))
+                if round_number == 0 or (refill == "cycle" and round_number % cycle_rounds == 0):
+                    queues, refills = [[] for _ in MEMBERS], [0] * len(MEMBERS)
             c = round_left.pop(0)
             for _ in range(m):
                 if not queues[c]:
-                    queues[c] = [MEMBERS[c][k] for k in shuffle(seed, (c, cycles[c]), 2, len(MEMBERS[c]))]
-                    cycles[c] += 1
+                    key, domain = (c, refills[c]), 2  # "empty": shuffle j of the endless queue
+                    if refill == "cycle":  # shuffle j of the queue of cycle k
+                        key, domain = (c, round_number // cycle_rounds, refills[c]), 3
+                    queues[c] = [MEMBERS[c][k] for k in shuffle(seed, key, domain, len(MEMBERS[c]))]
+                    refills[c] += 1
                 batch.append(queues[c].pop(0))
         batches.append(batch)
     return batches
@@ -503,11 +527,13 @@ def independent_reference(m, classes_per_batch, seed, epoch, b):
     return list(zip(indices, [int(x) >> 1 for x in bits.random_raw(len(indices))]))
 
 
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
 @pytest.mark.parametrize("m, classes_per_batch, length, seed", [(4, 3, 5, 3), (1, 4, 6, 0), (2, 7, 3, 2**40)])
-def test_rounds_equal_the_authors_state_machine(m, classes_per_batch, length, seed):
-    sampler = data.MPerClassSampler(LABELS, m, classes_per_batch, length, seed)
+def test_rounds_equal_the_authors_state_machine(m, classes_per_batch, length, seed, refill):
+    sampler = data.MPerClassSampler(LABELS, m, classes_per_batch, length, seed, refill=refill)
     batches = epochs_of(sampler, 8)
-    assert [[i for i, _ in batch] for batch in batches] == rounds_reference(m, classes_per_batch, seed, 8 * length)
+    expected = rounds_reference(m, classes_per_batch, seed, 8 * length, refill)
+    assert [[i for i, _ in batch] for batch in batches] == expected
 
 
 def test_rounds_visit_every_class_once_per_round_across_epochs():
@@ -521,24 +547,34 @@ def test_rounds_visit_every_class_once_per_round_across_epochs():
     assert any(len({c for c, _ in visits(batch, m)}) < classes_per_batch for batch in batches)
 
 
-def test_rounds_queue_has_no_repeat_before_exhaustion_and_reshuffles():
-    m = 4  # classes 1 (3 images) and 5 (1 image) are smaller than m: their queues wrap within a visit
-    batches = epochs_of(data.MPerClassSampler(LABELS, m, 3, 10, seed=9), 7)
-    for c, stream in class_streams(batches, m).items():
-        n = len(MEMBERS[c])
-        cycles = [stream[k:k + n] for k in range(0, len(stream) - n + 1, n)]
-        assert len(cycles) >= 3 and all(sorted(cycle) == MEMBERS[c] for cycle in cycles)
-        if n >= 5:
-            assert len({tuple(cycle) for cycle in cycles}) > 1  # refilled with a new shuffle
+GOLDEN_LABELS = np.repeat(np.arange(10), [3, 4, 5, 6, 7, 8, 9, 3, 5, 9]).tolist()  # tests/golden's classes
 
 
-def test_rounds_batch_is_a_pure_function_of_seed_epoch_and_batch():
-    batches = epochs_of(data.MPerClassSampler(LABELS, 2, 3, 6, seed=4), 4)
-    fresh = data.MPerClassSampler(LABELS, 2, 3, 6, seed=4)
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+@pytest.mark.parametrize("m", [4, 2, 1])  # cycles of R = ceil(59 / 10 / m) = 2, 3 and 6 rounds
+def test_rounds_queue_has_no_repeat_before_exhaustion_and_reshuffles(m, refill):
+    # classes of 3 images are smaller than m = 4: their queues wrap within a visit
+    labels, cycle = GOLDEN_LABELS, math.ceil(len(GOLDEN_LABELS) / 10 / m) * m  # images per class per cycle
+    batches = epochs_of(data.MPerClassSampler(labels, m, 4, 7, seed=9, refill=refill), 9)  # 63 batches, 25 rounds
+    streams = class_streams(batches, m, labels)
+    members = {c: [i for i, label in enumerate(labels) if label == c] for c in streams}
+    own, other = (cycle, None) if refill == "cycle" else (None, cycle)
+    assert all(is_queue_of(streams[c], members[c], own) for c in streams)
+    # the other discipline's chunks fail: "empty" continues a shuffle across a cycle start, "cycle" drops
+    # its leftovers there (class sizes that do not divide the cycle's R·m images)
+    assert not all(is_queue_of(streams[c], members[c], other) for c in streams)
+    for c, stream in streams.items():  # each refill is a new shuffle, not the last one again
+        assert len({tuple(chunk[:3]) for chunk in queue_chunks(stream, len(members[c]), own) if len(chunk) >= 3}) > 1
+
+
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_rounds_batch_is_a_pure_function_of_seed_epoch_and_batch(refill):
+    batches = epochs_of(data.MPerClassSampler(LABELS, 2, 3, 6, seed=4, refill=refill), 4)
+    fresh = data.MPerClassSampler(LABELS, 2, 3, 6, seed=4, refill=refill)
     order = np.random.default_rng(0).permutation(24)
     assert all(fresh.batch(g // 6, g % 6) == batches[g] for g in order)
     # the classes and images depend on the global batch number g = epoch * length + b only
-    other = data.MPerClassSampler(LABELS, 2, 3, 4, seed=4)
+    other = data.MPerClassSampler(LABELS, 2, 3, 4, seed=4, refill=refill)
     for g in (0, 5, 13, 23):
         assert [i for i, _ in other.batch(g // 4, g % 4)] == [i for i, _ in batches[g]]
     # augmentation seeds: the batch's own stream PCG64(SeedSequence([seed, epoch, b]))
@@ -546,12 +582,13 @@ def test_rounds_batch_is_a_pure_function_of_seed_epoch_and_batch():
     assert [s for _, s in batches[13]] == [int(x) >> 1 for x in raw]
 
 
-def test_one_image_per_class_rounds():
-    sampler = data.MPerClassSampler(LABELS, m=1, classes_per_batch=7, length=12, seed=0)
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_one_image_per_class_rounds(refill):
+    sampler = data.MPerClassSampler(LABELS, m=1, classes_per_batch=7, length=12, seed=0, refill=refill)
     batches = list(sampler)
     assert all(sorted(LABELS[i] for i, _ in batch) == list(range(7)) for batch in batches)
-    streams = class_streams(batches, 1)
-    assert sorted(streams[0][:10]) == MEMBERS[0] and sorted(streams[4][:8]) == MEMBERS[4]
+    cycle = math.ceil(len(LABELS) / 7) if refill == "cycle" else None  # 6 images per class per cycle
+    assert all(is_queue_of(stream, MEMBERS[c], cycle) for c, stream in class_streams(batches, 1).items())
 
 
 @pytest.mark.parametrize("m, classes_per_batch, length, seed", [(4, 3, 6, 3), (1, 7, 4, 0), (6, 2, 5, 2**40)])
@@ -581,26 +618,26 @@ def test_independent_batch_composition_and_without_replacement():
     assert small_classes_seen == {1, 5}  # the with-replacement path ran for both short classes
 
 
-@pytest.mark.parametrize("order", ["rounds", "independent"])
-def test_sampler_resumes_from_set_epoch_and_state_dict(order):
+@pytest.mark.parametrize("order, refill", [("rounds", "cycle"), ("rounds", "empty"), ("independent", "cycle")])
+def test_sampler_resumes_from_set_epoch_and_state_dict(order, refill):
     np.random.seed(1)
-    first = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order)
+    first = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order, refill=refill)
     epoch0 = list(first)
     np.random.seed(2)
     torch.manual_seed(2)
-    second = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order)
+    second = data.MPerClassSampler(LABELS, 2, 4, 30, seed=11, order=order, refill=refill)
     assert list(second) == epoch0 and list(first) == epoch0
     first.set_epoch(1)
     epoch1 = list(first)
     assert epoch1 != epoch0
     second.set_epoch(1, start=17)
     assert len(second) == 13 and list(second) == epoch1[17:]
-    other = "independent" if order == "rounds" else "rounds"
-    resumed = data.MPerClassSampler(LABELS, 2, 4, 30, seed=0, order=other)
+    other = {"independent": "rounds", "rounds": "independent", "cycle": "empty", "empty": "cycle"}
+    resumed = data.MPerClassSampler(LABELS, 2, 4, 30, seed=0, order=other[order], refill=other[refill])
     resumed.load_state_dict(json.loads(json.dumps(second.state_dict())))
-    assert resumed.state_dict() == {"seed": 11, "epoch": 1, "start": 17, "order": order}
+    assert resumed.state_dict() == {"seed": 11, "epoch": 1, "start": 17, "order": order, "refill": refill}
     assert list(resumed) == epoch1[17:]
-    assert list(data.MPerClassSampler(LABELS, 2, 4, 30, seed=12, order=order)) != epoch0
+    assert list(data.MPerClassSampler(LABELS, 2, 4, 30, seed=12, order=order, refill=refill)) != epoch0
 
 
 def _sampler(**changes):
@@ -611,7 +648,7 @@ def _sampler(**changes):
 def _refused_state():
     sampler = _sampler()
     try:
-        sampler.load_state_dict({"seed": 0, "epoch": 0, "start": 0, "order": "shuffled"})
+        sampler.load_state_dict({"seed": 0, "epoch": 0, "start": 0, "order": "shuffled", "refill": "cycle"})
     finally:
         assert sampler.state_dict()["order"] == "rounds"  # a refused state changes nothing
 
@@ -627,12 +664,14 @@ def _refused_state():
     (lambda: data.mlrc_folds([5, 5, 6], 2), r"need distinct class ids.*\(2 distinct\)"),
     (lambda: _sampler(classes_per_batch=8), r"classes_per_batch <= 7 \(the classes in labels\), got m=1, length=20"),
     (lambda: _sampler(m=0), r"need m, length >= 1 .* got m=0"),
-    (lambda: _sampler(order="random"), r"order in \('rounds', 'independent'\), got 0, 'random'"),
+    (lambda: _sampler(order="random"), r"order in \('rounds', 'independent'\) and refill in \('cycle', 'empty'\), "
+                                        r"got 0, 'random', 'cycle'"),
+    (lambda: _sampler(refill="never"), r"refill in \('cycle', 'empty'\), got 0, 'rounds', 'never'"),
     (lambda: _sampler().set_epoch(0, 21), r"0 <= start <= 20; got 0, 21"),
-    (_refused_state, r"order in \('rounds', 'independent'\), got 0, 'shuffled'"),
+    (_refused_state, r"order in \('rounds', 'independent'\) .*, got 0, 'shuffled', 'cycle'"),
     (lambda: data.build_transform("vgg", train=True), r"unknown style 'vgg', expected bninception, resnet or digits"),
 ], ids=["dataset", "split", "root", "dataset-lengths", "subset", "folds", "fold-ids", "classes-per-batch", "m",
-        "order", "start", "state", "style"])
+        "order", "refill", "start", "state", "style"])
 def test_bad_arguments_are_one_line_value_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()

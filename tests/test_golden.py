@@ -14,6 +14,7 @@ exactly; the retrieval metrics (ratios of small integers, theirs in float32) to 
 """
 import collections
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,34 @@ def test_ensemble_matches_authors():
     torch.testing.assert_close(ours, golden("ensemble_value"), rtol=1e-6, atol=1e-7)
     assert ours[0].norm() < 0.9  # a row that n leaves inside the ball: x/‖x‖ would differ there
 
+# --------------------------------------------------------------------------- cross-batch memory (§7)
+
+
+@pytest.mark.parametrize("include_batch", [True, False])
+@pytest.mark.parametrize("key", ["c1", "c2"])
+def test_xbm_matches_authors(key, include_batch):
+    # their XBMLoss on 6 batches (C1 with their ε set to 0): the in-batch pair loss + the memory's
+    # term, which is on from the batch that meets a full memory, the batch stored before its loss;
+    # include_batch=False (the memory as it was before the batch) must differ once the term is on
+    L, start = (int(v) for v in GOLDEN["xbm_setup"])
+    xs, ys = golden(f"xbm_{key}_x"), golden(f"xbm_{key}_y")
+    loss_fn, params = losses.LOSSES[key], PARAMS["sop"][key]
+    memory = losses.CrossBatchMemory(loss_fn, xs.shape[2], L * xs.shape[1], start=start, include_batch=include_batch,
+                                     **params).double()
+
+    def step(x, y):
+        return loss_fn(losses.lipschitz_normalize(x), y, **params) + memory.scheduled_loss(x, y)
+
+    for b, (x, y) in enumerate(zip(xs, ys)):
+        value, (grad,) = value_and_grads(lambda x: step(x, y), x)
+        theirs, their_grad = golden(f"xbm_{key}_value")[b], golden(f"xbm_{key}_grad_x")[b]
+        if include_batch or b < start + L - 1:  # before the term is on, both orders give the pair loss alone
+            assert_value(value, theirs)
+            assert_grad(grad, their_grad)
+        else:
+            assert abs(float(value.detach()) - float(theirs)) > 1e-4
+
+
 # --------------------------------------------------------------------------- the m-per-class sampler (§7)
 
 
@@ -282,16 +311,21 @@ def visit_spread(labels: np.ndarray, batches, m: int) -> int:
     return worst
 
 
-def image_spread(labels: np.ndarray, batches) -> int:
-    """Largest gap, after any batch, between a class's most and least drawn image. At most 1
-    everywhere ⇔ per class, no image repeats before all of the class's images have been drawn."""
-    drawn, worst = collections.Counter(), 0
-    for batch in batches:
-        drawn.update(int(i) for i in batch)
-        for c in np.unique(labels):
-            counts = [drawn[int(i)] for i in np.flatnonzero(labels == c)]
-            worst = max(worst, max(counts) - min(counts))
-    return worst
+def queues_restart_every_cycle(labels: np.ndarray, batches, cycle: int) -> bool:
+    """Per class, its draws within each cycle of `cycle` class visits (from the first), cut into
+    chunks of the class's size from the cycle's start, have no image twice in a chunk: each class's
+    shuffled queue restarts at every cycle and its leftovers are dropped (PAPER.md §7)."""
+    draws = collections.defaultdict(list)  # class -> [(cycle, image), ...]
+    visits = [visit for batch in batches for visit in batch]
+    for v, visit in enumerate(visits):
+        draws[int(labels[visit[0]])] += [(v // cycle, int(i)) for i in visit]
+    for c, seq in draws.items():
+        size = int((labels == c).sum())
+        for k in {k for k, _ in seq}:
+            images = [i for kk, i in seq if kk == k]
+            if any(len(set(images[p:p + size])) < len(images[p:p + size]) for p in range(0, len(images), size)):
+                return False
+    return True
 
 
 def their_visits(run: dict) -> list[list[int]]:
@@ -300,25 +334,51 @@ def their_visits(run: dict) -> list[list[int]]:
     return [[batch[j + t * P] for t in range(m)] for batch in run["batches"] for j in range(P)]
 
 
+def our_visits(batches, m: int) -> list[list[int]]:
+    return [batch[j:j + m] for batch in batches for j in range(0, len(batch), m)]
+
+
 @pytest.mark.parametrize("run", range(len(SAMPLER["runs"])))
-def test_authors_sampler_rounds(run):
-    # the property functions on the authors' own stream: rounds exact; images exhausted before a
-    # repeat within each cycle of `cycle_rounds` rounds, but not across cycles (their queues restart)
+def test_authors_sampler_rounds_and_cycles(run):
+    # the property functions on the authors' own stream: rounds exact; queues restarting every
+    # `cycle_rounds` rounds (their pick_repeats), so images repeat early across cycles
     labels, run = np.array(SAMPLER["labels"]), SAMPLER["runs"][run]
     visits, C = their_visits(run), len(np.unique(labels))
     assert visit_spread(labels, visits, run["m"]) == 1
-    cycle = run["cycle_rounds"] * C
-    assert all(image_spread(labels, visits[s:s + cycle]) <= 1 for s in range(0, len(visits), cycle))
-    assert image_spread(labels, visits) > 1
+    assert run["cycle_rounds"] == math.ceil(len(labels) / C / run["m"])
+    assert queues_restart_every_cycle(labels, [visits], run["cycle_rounds"] * C)
+    assert not queues_restart_every_cycle(labels, [visits], (run["cycle_rounds"] + 1) * C)
 
 
 @pytest.mark.parametrize("m", [4, 2])
-def test_sampler_rounds_like_the_authors(m):
+def test_sampler_rounds_and_cycles_like_the_authors(m):
     # the golden's label set (10 classes of 3..9 images) and batch shape; 7 batches an epoch do not
-    # end on a round, so the rounds and the image queues must carry over from epoch to epoch
+    # end on a round, so the rounds and the queues must carry over from epoch to epoch; refill
+    # "empty" (every image before a repeat, never restarting) fails the authors' cycle property
     labels = np.array(SAMPLER["labels"])
-    sampler = data.MPerClassSampler(labels.tolist(), m, 4, length=7, seed=3)
-    batches = [[index for index, _ in sampler.batch(epoch, b)] for epoch in range(4) for b in range(7)]
-    assert all(len(batch) == 4 * m for batch in batches)
-    assert visit_spread(labels, batches, m) == 1
-    assert image_spread(labels, batches) <= 1
+    run = next(r for r in SAMPLER["runs"] if r["m"] == m)
+    cycle = run["cycle_rounds"] * len(np.unique(labels))
+    for refill in ("cycle", "empty"):
+        sampler = data.MPerClassSampler(labels.tolist(), m, 4, length=7, seed=3, refill=refill)
+        batches = [[index for index, _ in sampler.batch(epoch, b)] for epoch in range(4) for b in range(7)]
+        assert all(len(batch) == 4 * m for batch in batches)
+        assert visit_spread(labels, batches, m) == 1
+        assert queues_restart_every_cycle(labels, [our_visits(batches, m)], cycle) == (refill == "cycle")
+
+
+def test_candidate_stream_cycles_like_the_authors():
+    # their k-center candidates: one image of every class per round from OnePerClass, whose queues
+    # restart every ceil(mean images per class) rounds; ours from CandidateStream, drawn a round at a time
+    labels, theirs = np.array(SAMPLER["labels"]), SAMPLER["one_per_class"]
+    C, cycle = len(np.unique(labels)), theirs["cycle_rounds"]
+    assert cycle == math.ceil(len(labels) / C)
+    their_rounds = [[[i] for i in r] for r in theirs["rounds"]]
+    assert queues_restart_every_cycle(labels, their_rounds, cycle * C)
+    assert not queues_restart_every_cycle(labels, their_rounds, (cycle + 1) * C)
+    classes = [np.flatnonzero(labels == c).tolist() for c in range(C)]
+    for refill in ("cycle", "empty"):
+        stream = selection.CandidateStream(classes, seed=3, refill=refill)
+        rounds = [[[pool[0]] for pool in stream.draw(1)] for _ in range(len(theirs["rounds"]))]
+        assert queues_restart_every_cycle(labels, rounds, cycle * C) == (refill == "cycle")
+
+

@@ -171,18 +171,35 @@ def test_generated_layout_reads_as_sop(tmp_path):
 
 def test_projection_follows_its_stated_model():
     """Every step at the slower of step and loader; validations, re-selection candidates and the
-    test pass at the validation pass's images/s; metrics free here (metrics_s 0) for clarity."""
-    speed = {"step": {"ccp": {"median_ms": 100.0}, "batch": 32},
+    test pass at the validation pass's images/s; metrics free here (metrics_s 0) for clarity; every
+    fold and repeat a model; a baseline at the plain step, without re-selections."""
+    speed = {"step": {"ccp": {"median_ms": 100.0}, "plain": {"median_ms": 250.0}, "batch": 32},
              "loader": {"images_per_s": 160.0, "keeps_up": False, "retry": None},
              "validation": {"images_per_s": 1000.0, "metrics_s": 0.0, "images": 100},
              "reselection": {"classes": 11318, "kcenter_ms": 0.0, "covering_radius_s": 0.0,
                              "interclass_distance_s": 0.0}}
     sop = train.load_config(ROOT / "configs" / "sop_ms.yaml")
-    p = gpu_check.project(sop, "sop", 91_000, speed, "")
+    p = gpu_check.project(sop, speed)
     # SOP (docs/DATASETS.md): 59,551 training images of 11,318 classes, 60,502 test images; fold 0
-    # validates on classes [0, 2829) and fits 8,489; the loader's 160 images/s make a step 0.2 s
+    # validates on classes [0, 2829) and fits 8,489; the loader's 160 images/s make a step 0.2 s;
+    # MS-CCP's Table 3 row: 91K steps; 4 folds x 3 repeats
     val_images, fit_classes = 59551 * 2829 / 11318, 11318 - 2829
-    per_model = 91_000 * 0.2 + 364 * val_images / 1000 + 60502 / 1000
+    evaluation = 364 * val_images / 1000 + 60502 / 1000
     reselection = fit_classes * 7 / 1000
     assert p["reselections_per_model"] == [1, 1 + 364 // 4]
-    assert p["hours"] == pytest.approx([4 * (per_model + n * reselection) / 3600 for n in (1, 92)])
+    assert p["hours"] == pytest.approx([12 * (91_000 * 0.2 + evaluation + n * reselection) / 3600 for n in (1, 92)])
+    baseline = gpu_check.project(train.load_config(ROOT / "configs" / "sop_ms_baseline.yaml", ["repeats=1"]), speed)
+    per_model = 67_000 * 0.25 + 268 * val_images / 1000 + 60502 / 1000  # Table 3's MS row at the plain step
+    assert baseline["hours"] == pytest.approx([4 * per_model / 3600] * 2)
+
+
+def test_every_paper_config_states_its_projected_cost():
+    # the `# cost:` line of each shipped paper config is what `gpu_check.py --costs` writes from the
+    # H200 figures: a config whose repeats, folds or method changed without it fails here
+    report = ROOT / "benchmarks" / "h200_9d103c4.json"
+    configs = gpu_check.paper_configs()
+    assert len(configs) == 48
+    for path in configs:
+        comment, p = gpu_check.cost_comment(path, report)
+        assert comment in path.read_text().splitlines(), path.name
+        assert p["folds"] * p["repeats"] == 12

@@ -308,40 +308,44 @@ def test_ccp_loss_matches_its_definition(name):
 # --------------------------------------------------------------------------- cross-batch memory
 
 
-def test_xbm_excludes_the_current_batch_and_enqueues_after():
-    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 4, 10, neg_margin=0.9).double()
+@pytest.mark.parametrize("include_batch", [True, False])
+def test_xbm_meets_its_own_batch_or_only_earlier_ones(include_batch):
+    # include_batch (default, the authors'): the batch is stored first and meets its own copy;
+    # False: the batch meets the memory as it was, and is stored after its loss
+    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 4, 10, include_batch=include_batch, neg_margin=0.9).double()
     g = torch.Generator().manual_seed(12)
     x1, x2 = (torch.randn(4, 4, generator=g, dtype=torch.float64) * 2 for _ in range(2))
     y1, y2 = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 2, 0])
-    first = xbm(x1.requires_grad_(), y1)
-    assert float(first.detach()) == 0.0  # an empty memory: the batch never meets its own copy
+    n1, n2 = losses.lipschitz_normalize(x1), losses.lipschitz_normalize(x2)
+    first = xbm(x1.clone().requires_grad_(), y1)
+    close(first, ref_c2(n1, y1, n1, y1, neg_margin=0.9) if include_batch else 0.0)
     first.backward()
-    assert torch.equal(x1.grad, torch.zeros_like(x1))
     assert len(xbm) == 4 and not xbm.is_full and bool(xbm)
-    assert torch.equal(xbm.memory[:4], losses.lipschitz_normalize(x1.detach()))
-    assert not xbm.memory.requires_grad
+    assert torch.equal(xbm.memory[:4], n1) and not xbm.memory.requires_grad
 
-    n1, n2 = losses.lipschitz_normalize(x1.detach()), losses.lipschitz_normalize(x2)
     second = xbm(x2.requires_grad_(), y2)
-    close(second, ref_c2(n2, y2, n1, y1, neg_margin=0.9))
-    second.backward()  # the enqueue after the loss must not break backward
+    memory, memory_y = (torch.cat([n1, n2.detach()]), torch.cat([y1, y2])) if include_batch else (n1, y1)
+    close(second, ref_c2(n2, y2, memory, memory_y, neg_margin=0.9))
+    second.backward()  # the enqueue (before or after the loss) must not break backward
     assert x2.grad.abs().sum() > 0 and len(xbm) == 8
 
 
-def test_xbm_schedule_waits_fills_then_switches_its_loss_on():
+@pytest.mark.parametrize("include_batch", [True, False])
+def test_xbm_schedule_waits_fills_then_switches_its_loss_on(include_batch):
     """scheduled_loss (PAPER.md §4): zero for `start` batches (nothing stored), zero while the memory
-    fills, then the loss against the memory as it was before the batch."""
-    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=2, neg_margin=0.9).double()
+    fills, then the loss against the full memory the batch meets (with its own copy, or without)."""
+    xbm = losses.CrossBatchMemory(losses.c2_contrastive, 3, 4, start=2, include_batch=include_batch,
+                                  neg_margin=0.9).double()
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(2, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1])) for _ in range(5)]
-    values = [float(xbm.scheduled_loss(x, y)) for x, y in batches[:4]]
-    assert values == [0.0] * 4
-    assert xbm.is_full and int(xbm.batches_seen) == 4  # batches 0-1 waited, 2-3 filled the 4 rows
-    stored = torch.cat([losses.lipschitz_normalize(x) for x, _ in batches[2:4]])
-    assert torch.equal(xbm.memory, stored)
-    x, y = batches[4]
+    on = 3 if include_batch else 4  # batches 0-1 wait, 2-3 fill the 4 rows
+    values = [float(xbm.scheduled_loss(x, y)) for x, y in batches[:on]]
+    assert values == [0.0] * on
+    stored = torch.cat([losses.lipschitz_normalize(x) for x, _ in batches[2:4]])  # what batch `on` meets
+    x, y = batches[on]
     expected = ref_c2(losses.lipschitz_normalize(x), y, stored, torch.tensor([0, 1, 0, 1]), neg_margin=0.9)
     close(xbm.scheduled_loss(x, y), expected)
+    assert int(xbm.batches_seen) == on + 1
 
 
 def ring_reference(batches, size):
@@ -351,7 +355,7 @@ def ring_reference(batches, size):
 
 
 def test_xbm_wrap_around_and_state_dict_round_trip():
-    xbm = losses.CrossBatchMemory(losses.multi_similarity, 3, 5)
+    xbm = losses.CrossBatchMemory(losses.multi_similarity, 3, 5, include_batch=False)
     g = torch.Generator().manual_seed(13)
     batches = []
     for step, batch in enumerate([3, 3, 4, 7, 2]):
@@ -366,7 +370,7 @@ def test_xbm_wrap_around_and_state_dict_round_trip():
     assert xbm.is_full and int(xbm.pointer) == (3 + 3 + 4 + 5 + 2) % 5
 
     x, y = torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 0])
-    restored = losses.CrossBatchMemory(losses.multi_similarity, 3, 5)
+    restored = losses.CrossBatchMemory(losses.multi_similarity, 3, 5, include_batch=False)
     restored.load_state_dict(xbm.state_dict())
     assert set(xbm.state_dict()) == {"memory", "memory_labels", "pointer", "count", "batches_seen"}
     memory = [(torch.tensor([r for r, _ in ring_reference(batches, 5)]),

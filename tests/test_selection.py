@@ -201,8 +201,9 @@ def test_candidate_pool_embeds_the_drawn_indices_class_major():
 # ---------------------------------------------------------------------------------------------
 # CandidateStream (PAPER.md §7: one run-long one-image-per-class stream)
 
-SIZES = [10, 2, 7, 1, 3]
+SIZES = [10, 2, 7, 1, 3]  # 23 images: a cycle of refill="cycle" is ceil(23 / 5) = 5 draws of one image per class
 CLASS_TO_INDICES = [list(range(100 * c, 100 * c + n)) for c, n in enumerate(SIZES)]
+GOLDEN_SIZES = [3, 4, 5, 6, 7, 8, 9, 3, 5, 9]  # tests/golden's classes: 59 images, cycles of 6 draws
 
 
 def stream_of_class(pools: list[list[list[int]]], c: int) -> list[int]:
@@ -210,55 +211,77 @@ def stream_of_class(pools: list[list[list[int]]], c: int) -> list[int]:
     return [i for pool in pools for i in pool[c]]
 
 
-def test_stream_draws_each_class_in_shuffled_rounds_that_refill_only_when_empty():
-    stream = CandidateStream(CLASS_TO_INDICES, seed=0)
-    pools = [stream.draw(4) for _ in range(9)]  # 36 images per class: 3.6 rounds of the largest class
-    assert all(len(pool) == len(SIZES) and all(len(p) == 4 for p in pool) for pool in pools)
-    for c, n in enumerate(SIZES):
-        taken = stream_of_class(pools, c)
-        rounds = [taken[start:start + n] for start in range(0, len(taken), n)]
-        for full in rounds[:-1]:  # no image repeats before the class is exhausted, then all come again
-            assert sorted(full) == CLASS_TO_INDICES[c]
-        assert len(set(rounds[-1])) == len(rounds[-1]) and set(rounds[-1]) <= set(CLASS_TO_INDICES[c])
-        if n >= 3:  # each refill is a fresh permutation, not the last one again
-            assert len({tuple(full) for full in rounds[:-1]}) > 1
+def queue_chunks(taken: list[int], n: int, cycle: int | None) -> list[list[int]]:
+    """taken cut into cycles of `cycle` images (None: one endless queue), each cycle into chunks of n."""
+    cycles = [taken] if cycle is None else [taken[s:s + cycle] for s in range(0, len(taken), cycle)]
+    return [part[k:k + n] for part in cycles for k in range(0, len(part), n)]
 
 
-def test_stream_wraps_a_small_class_within_one_draw():
-    stream = CandidateStream([[7, 8], [5]], seed=1)
+def is_queue_of(taken: list[int], indices: list[int], cycle: int | None) -> bool:
+    """Each chunk of len(indices) from a queue's start is distinct images of the class, a full one all of them."""
+    n = len(indices)
+    return all(len(set(chunk)) == len(chunk) and set(chunk) <= set(indices) and (len(chunk) < n or
+               sorted(chunk) == sorted(indices)) for chunk in queue_chunks(taken, n, cycle))
+
+
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_stream_draws_each_class_in_shuffled_queues_rebuilt_by_refill(refill):
+    sizes = GOLDEN_SIZES
+    class_to_indices = [list(range(100 * c, 100 * c + n)) for c, n in enumerate(sizes)]
+    cycle = -(-sum(sizes) // len(sizes))  # R = ceil(N / C) = 6
+    stream = CandidateStream(class_to_indices, seed=0, refill=refill)
+    pools = [stream.draw(5) for _ in range(8)]  # 40 images per class: 6 cycles and 4 images, crossed inside draws
+    assert all(len(pool) == len(sizes) and all(len(p) == 5 for p in pool) for pool in pools)
+    own, other = (cycle, None) if refill == "cycle" else (None, cycle)
+    taken = [stream_of_class(pools, c) for c in range(len(sizes))]
+    assert all(is_queue_of(taken[c], class_to_indices[c], own) for c in range(len(sizes)))
+    # the other discipline's chunks fail: "empty" continues a permutation across a cycle start, "cycle"
+    # discards its leftovers there (sizes 4, 5, 7, 8 and 9 do not divide R)
+    assert not all(is_queue_of(taken[c], class_to_indices[c], other) for c in range(len(sizes)))
+    for c, n in enumerate(sizes):  # each refill is a fresh permutation, not the last one again
+        assert len({tuple(chunk[:3]) for chunk in queue_chunks(taken[c], n, own) if len(chunk) >= 3}) > 1
+
+
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_stream_wraps_a_small_class_within_one_draw(refill):
+    stream = CandidateStream([[7, 8], [5]], seed=1, refill=refill)
     pool = stream.draw(5)
     assert pool[1] == [5] * 5
     assert sorted(pool[0][:2]) == sorted(pool[0][2:4]) == [7, 8] and pool[0][4] in (7, 8)
     assert sorted(pool[0][4:] + stream.draw(1)[0]) == [7, 8]  # the third round goes on in the next draw
 
 
-def test_stream_depends_only_on_seed_and_images_taken():
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_stream_depends_only_on_seed_and_images_taken(refill):
     def pools(seed, sizes):
-        stream = CandidateStream(CLASS_TO_INDICES, seed=seed)
+        stream = CandidateStream(CLASS_TO_INDICES, seed=seed, refill=refill)
         return [stream.draw(b) for b in sizes]
 
     first = pools(3, [4, 4, 4])
     assert pools(3, [4, 4, 4]) == first  # deterministic
     assert any(pools(seed, [4, 4, 4]) != first for seed in (4, 5))
-    merged = pools(3, [12])[0]  # one draw of 12 takes what three draws of 4 took
+    merged = pools(3, [12])[0]  # one draw of 12 (crossing two cycle starts) takes what three draws of 4 took
     assert merged == [sum((pool[c] for pool in first), []) for c in range(len(SIZES))]
     assert pools(3, [5, 7]) == [[m[:5] for m in merged], [m[5:] for m in merged]]
 
 
-def test_stream_state_dict_round_trip_continues_identically():
-    stream = CandidateStream(CLASS_TO_INDICES, seed=11)
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_stream_state_dict_round_trip_continues_identically(refill):
+    stream = CandidateStream(CLASS_TO_INDICES, seed=11, refill=refill)
     for b in (3, 5, 4):
         stream.draw(b)
     state = json.loads(json.dumps(stream.state_dict()))  # JSON-able, as a checkpoint stores it
-    resumed = CandidateStream(CLASS_TO_INDICES, seed=0)
+    resumed = CandidateStream(CLASS_TO_INDICES, seed=0, refill="empty" if refill == "cycle" else "cycle")
     resumed.load_state_dict(state)
+    assert resumed.state_dict()["refill"] == refill
     assert [resumed.draw(b) for b in (4, 9, 1)] == [stream.draw(b) for b in (4, 9, 1)]
     assert resumed.state_dict() == stream.state_dict()
 
 
-def test_stream_permutations_are_uniform():
-    # 1200 refills of a 3-image queue: each of the 6 orders should come up about 200 times
-    taken = stream_of_class([CandidateStream([[0, 1, 2]], seed=5).draw(3 * 1200)], 0)
+@pytest.mark.parametrize("refill", ["cycle", "empty"])
+def test_stream_permutations_are_uniform(refill):
+    # 1200 refills of a 3-image queue (a cycle is 3 draws): each of the 6 orders should come up about 200 times
+    taken = stream_of_class([CandidateStream([[0, 1, 2]], seed=5, refill=refill).draw(3 * 1200)], 0)
     counts = {}
     for start in range(0, len(taken), 3):
         counts[tuple(taken[start:start + 3])] = counts.get(tuple(taken[start:start + 3]), 0) + 1
@@ -266,15 +289,18 @@ def test_stream_permutations_are_uniform():
 
 
 def test_stream_follows_its_documented_recipe():
-    # permutation e of class c: the stable argsort of PCG64(SeedSequence([seed, TAG, c, e]))'s raw outputs
-    def queue(seed, c, e):
-        raw = np.random.PCG64(np.random.SeedSequence([seed, 0x63616E64, c, e])).random_raw(SIZES[c])
+    # permutation of class c: the stable argsort of PCG64(SeedSequence(seeds))'s raw outputs, seeds being
+    # [seed, TAG, c, e] for the e-th of the endless queue, [seed, CYCLE_TAG, c, k, j] for the j-th of cycle k
+    def permutation(c, seeds):
+        raw = np.random.PCG64(np.random.SeedSequence(seeds)).random_raw(SIZES[c])
         return [CLASS_TO_INDICES[c][i] for i in np.argsort(raw, kind="stable")]
 
-    pool = CandidateStream(CLASS_TO_INDICES, seed=9).draw(12)
+    endless, cycles = (CandidateStream(CLASS_TO_INDICES, 9, refill).draw(12) for refill in ("empty", "cycle"))
     for c, n in enumerate(SIZES):
-        expected = [i for e in range(-(-12 // n)) for i in queue(9, c, e)][:12]
-        assert pool[c] == expected
+        assert endless[c] == [i for e in range(12) for i in permutation(c, [9, 0x63616E64, c, e])][:12]
+        # each cycle takes R = 5 images from its own queue, then drops the rest
+        cycle_queue = [[i for j in range(5) for i in permutation(c, [9, 0x6379636C, c, k, j])][:5] for k in range(3)]
+        assert cycles[c] == sum(cycle_queue, [])[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +375,8 @@ def test_non_finite_input_is_rejected(call, message):
     (lambda: candidate_pool(RecordingEmbedder(), [[1, 2], [3, 4], [5, 6, 7]]),
      r"same pool size, got \[2, 2, 3\]"),  # 6 images: C x b = 3 x 2 would hide the mix-up
     (lambda: CandidateStream([[1], []], seed=0), "every class needs an image"),
+    (lambda: CandidateStream(CLASS_TO_INDICES, seed=0, refill="never"),
+     r"need refill in \('cycle', 'empty'\), got 'never'"),
     (lambda: CandidateStream(CLASS_TO_INDICES, seed=0).load_state_dict(
         {"seed": 0, "taken": 3, "num_classes": 4, "num_images": 23}),
      "is not the state of a stream over 5 classes and 23 images"),

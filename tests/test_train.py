@@ -63,6 +63,12 @@ def test_paper_defaults_for_sop_ms():
     assert (cfg["model"]["backbone"], cfg["model"]["embedding_dim"], cfg["model"]["freeze_bn"]) == (
         "bninception", 128, True)
     assert cfg["folds"] == 4 and cfg["evaluation"]["recall_ks"] == [1, 10, 100, 1000]
+    # the authors' protocol (docs/fidelity.md): 3 repeats, their cap, their queues, their XBM order
+    assert (cfg["repeats"], t["max_steps"], cfg["data"]["refill"], cfg["baseline"]["xbm_include_batch"]) == (
+        3, 2_500_000, "cycle", True)
+    for dataset, cap in (("cub", 250_000), ("cars", 250_000), ("inshop", 2_500_000)):
+        other = train.load_config(ROOT / "configs" / f"{dataset}_ms.yaml")
+        assert (other["repeats"], other["train"]["max_steps"]) == (3, cap)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -233,6 +239,12 @@ def test_warmup_trains_only_the_embedding_layer(tmp_path):
     trained = torch.load(tmp_path / "warm" / "last.pt", weights_only=False)["model"]
     changed = {k for k, p in initial.named_parameters() if not torch.equal(p, trained[k])}
     assert changed and all(k.startswith("embedding") for k in changed), changed
+    # then a fresh Adam (as the authors compile one), also when resumed at the warm-up's end: after 2
+    # more steps every tensor has made 2 Adam steps (the warm-up's moments of the embedding are gone)
+    run_digits(tmp_path, "warm", "train.max_steps=7", "method=proxy_anchor", "baseline.warmup_steps=5", "resume=auto")
+    state = torch.load(tmp_path / "warm" / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert len(state) == len(list(initial.parameters())) + 1  # the network's tensors and the proxies
+    assert {s["step"] for s in state.values()} == {2}
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
@@ -322,7 +334,7 @@ def make_fake_cub(root: Path, classes_per_side: int = 4, images_per_class: int =
 
 def test_fake_cub_trains_with_the_tiny_cnn(tmp_path):
     make_fake_cub(tmp_path / "cub")
-    overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu",
+    overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "repeats=1",
                  "folds=2", "fold=1", "model.backbone=tiny_cnn", "model.pretrained=null",
                  "model.embedding_dim=16", "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}", "data.transform=resnet",
                  "data.crop_size=32", "data.resize=36", "data.classes_per_batch=2", "data.samples_per_class=3",
@@ -400,7 +412,7 @@ def test_fake_cub_with_bninception_from_a_weight_file(tmp_path):
     weights = model.BNInception().state_dict()
     torch.save({k: v.clone() for k, v in weights.items()}, tmp_path / "bn_inception.pth")
     overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "folds=2",
-                 "fold=0", f"model.pretrained={tmp_path / 'bn_inception.pth'}", "data.crop_size=64",
+                 "fold=0", "repeats=1", f"model.pretrained={tmp_path / 'bn_inception.pth'}", "data.crop_size=64",
                  "data.resize=72", "data.classes_per_batch=2", "data.samples_per_class=2", "data.num_workers=0",
                  "ccp.proxies_per_class=2", "ccp.pool_size=2", "train.max_steps=2", "train.eval_every=2",
                  "evaluation.nmi=false"]

@@ -29,7 +29,10 @@ Facts about their code that the script asserts (so that they are documented as t
 - Keras' float64 Adam sees lr and the betas rounded to float32 (they live in float32 variables);
 - their sampler visits every class once per round; per class, no image repeats before the class
   is exhausted within a cycle of ceil(mean images per class / m) rounds (the queues restart every
-  cycle, so across cycles images do repeat early: counted in authors_meta.json).
+  cycle, so across cycles images do repeat early: counted in authors_meta.json); their k-center
+  candidates come from a OnePerClass stream built the same way with m = 1;
+- their cross-batch memory stores a batch before its loss (the batch meets its own copy), and its
+  term is on from batch start_at + batches_in_mem - 1.
 Determinism: two runs write identical files (seeded numpy, tf.random.set_seed for the sampler).
 """
 import argparse
@@ -466,6 +469,39 @@ def golden_ensemble(tf, framework, rng, out):
     assert np.linalg.norm(joined[0]) < 0.9 and abs(np.linalg.norm(joined[1]) - 1) < 1e-6
     out.update(ensemble_parts=parts, ensemble_value=joined)
 
+# --------------------------------------------------------------------------- cross-batch memory (§7)
+
+
+def golden_xbm(tf, framework, rng, out, facts):
+    """Their XBMLoss over 6 batches: a memory of 2 batches of 3 classes x 2 that fills from batch 1."""
+    d, P, m, L, start = 6, 3, 2, 2, 1
+    for loss_name, params, key in (("original_contrastive", {"margin": 0.5}, "c1"),
+                                   ("contrastive", DATASET_PARAMS["sop"]["contrastive"], "c2")):
+        model = fake_model(tf, d, 5)
+        cfg = config(framework)
+        cfg.training.classes_per_batch, cfg.training.sample_per_class = P, m
+        cfg.model.embedding_head.embedding_size = d
+        cfg.loss.xbm.function, cfg.loss.xbm.batches_in_mem, cfg.loss.xbm.start_at = loss_name, L, start
+        for k, v in params.items():
+            cfg.loss[loss_name][k] = v
+        obj = framework.losses.xbm(model=model, cfg=cfg)
+        if loss_name == "original_contrastive":
+            obj.loss_fn.eps = 0.0  # their C1's constant shift (golden_c1_eps), which the memory's positives would scale
+        values, grads, xs, ys, ready = [], [], [], [], []
+        for _ in range(6):
+            y = np.repeat(rng.choice(5, P, replace=False), m)
+            x = mixed_norm_rows(rng, P * m, d)
+            value, (gx,) = value_and_grads(tf, obj, x, y, [])
+            values.append(value), grads.append(gx), xs.append(x), ys.append(y)
+            ready.append(bool(obj.loss_fn.ready.numpy()))
+        out.update({f"xbm_{key}_x": np.stack(xs), f"xbm_{key}_y": np.stack(ys), f"xbm_{key}_value": np.array(values),
+                    f"xbm_{key}_grad_x": np.stack(grads)})
+        # the memory's term is on from batch start + L - 1: the memory is full with this batch stored
+        assert ready == [b >= start + L - 1 for b in range(6)], ready
+    out["xbm_setup"] = np.array([L, start])
+    facts["xbm"] = {"order": "the batch is stored before the loss: the memory a batch meets holds its own copy",
+                    "term_on_from_batch": "start_at + batches_in_mem - 1 (0-based)", "c1_eps_set_to": 0.0}
+
 # --------------------------------------------------------------------------- the m-per-class sampler (§7)
 
 
@@ -519,8 +555,25 @@ def golden_sampler(tf, framework, facts):
     facts["sampler"] = {"rounds": "every class once per round", "images": "no repeat before exhaustion "
                         "within a cycle of ceil(mean images per class / m) rounds; queues restart each cycle",
                         "runs": [{k: v for k, v in r.items() if k != "batches"} for r in runs]}
+    # k-center's candidates: their OnePerClass stream, one image of every class (in class order) per
+    # round, cut into batches of proxy_sampling_batch_size; a pool of b takes b rounds (ccp/loss.py)
+    tf.random.set_seed(4)
+    batch_size = 4
+    stream = iter(samplers.OnePerClass(batch_size=batch_size)(lines))
+    rounds = []
+    for _ in range(30):
+        items = [int(item.decode().split()[1][4:]) for _ in range(math.ceil(len(sizes) / batch_size))
+                 for item in next(stream).numpy()]
+        assert [labels[i] for i in items] == list(range(len(sizes)))
+        rounds.append(items)
+    cycle = math.ceil(len(labels) / len(sizes))  # their pick_repeats with one image per class
+    across = check_sampler_property(labels, [[i] for r in rounds for i in r], 1, len(sizes), cycle)
+    one_per_class = {"batch_size": batch_size, "tf_seed": 4, "rounds": rounds, "cycle_rounds": cycle,
+                     "blocks_repeating_across_cycles": int(across)}
+    facts["one_per_class"] = {k: v for k, v in one_per_class.items() if k != "rounds"}
     return {"labels": labels, "item_order": "their batch lists s_i1, s_j1, ..., s_i2, ...: "
-            "item t*classes_per_batch + j is image t of the batch's j-th class visit", "runs": runs}
+            "item t*classes_per_batch + j is image t of the batch's j-th class visit", "runs": runs,
+            "one_per_class": one_per_class}
 
 # --------------------------------------------------------------------------- main
 
@@ -540,6 +593,7 @@ def main() -> None:
     golden_kcenter(tf, framework, rng, out)
     golden_metrics(tf, framework, rng, out)
     golden_ensemble(tf, framework, rng, out)
+    golden_xbm(tf, framework, rng, out, facts)
     sampler = golden_sampler(tf, framework, facts)
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "authors.npz", **{k: np.asarray(v) for k, v in out.items()})
