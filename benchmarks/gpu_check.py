@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py [--device cuda] [--quick] [--out FILE.json]
                                    [--workdir DIR] [--threads N] [--workers N]
+    python benchmarks/gpu_check.py --costs FILE.json [--write-configs]
 
 Everything it trains on is generated on the fly in a temporary folder (no dataset, no download):
 a Stanford-Online-Products-like layout (Ebay_train.txt / Ebay_test.txt as data.py reads them,
@@ -25,8 +26,10 @@ small JPEGs) and a BN-Inception weight file (model.BNInception().state_dict(), `
    training); one validation pass over the fold's 14,885 validation images; images/s the training
    loader delivers with the config's workers against images/s the step consumes (and again with
    more workers when it falls short).
-4. Projection: the wall-clock of `python train.py configs/sop_ms.yaml` (4 folds) and of
-   configs/cub_ms.yaml from those figures and the supplement's Table 3 step count (PAPER.md §7).
+4. Projection: the wall-clock of `python train.py configs/sop_ms.yaml` (4 folds x 3 repeats) and
+   of configs/cub_ms.yaml from those figures and the supplement's Table 3 step counts (PAPER.md §7).
+   --costs prints it for every paper config from a saved report (benchmarks/h200_9d103c4.json holds
+   the H200 figures of docs/gpu.md); --write-configs sets each config's `# cost:` line from it.
 
 --quick runs the same sections reduced (a tiny layout and the tiny CNN for the runs, BN-Inception at
 64 x 64 for the speed section, a small listing); its figures are no prediction of anything, and its
@@ -73,7 +76,6 @@ from bench_data import photo_like_jpegs  # noqa: E402  (benchmarks/ is this scri
 # method -> its shipped SOP config: MS-CCP and every baseline of PAPER.md §4
 METHOD_CONFIGS = {"ccp": "sop_ms.yaml", "baseline": "sop_ms_baseline.yaml", "proxy_anchor": "sop_proxy_anchor.yaml",
                   "proxynca++": "sop_proxynca.yaml", "softtriple": "sop_softtriple.yaml", "xbm": "sop_xbm.yaml"}
-SOP_MS_CCP_STEPS = 91_000  # average total steps of a fold model, the supplement's Table 3 (PAPER.md §7)
 NO_DETERMINISTIC_KERNEL = re.compile(r"(\S+) does not have a deterministic implementation")
 
 
@@ -252,7 +254,7 @@ def run_overrides(method: str, scale: Scale, layout: Path, weights: Path, device
     E = scale.eval_every
     fit_classes = scale.train_classes - scale.train_classes // 4  # fold 0 validates on the first block
     cfg = train.load_config(ROOT / "configs" / METHOD_CONFIGS[method])
-    overrides = [f"dataset.root={layout}", f"device={device}", "fold=0", f"train.max_steps={4 * E}",
+    overrides = [f"dataset.root={layout}", f"device={device}", "fold=0", "repeats=1", f"train.max_steps={4 * E}",
                  f"train.eval_every={E}", "train.patience=1000", "train.log_every_seconds=1e9",
                  "projection.instance_patience=1", "projection.min_delta=1.0", f"data.num_workers={workers}",
                  f"data.crop_size={scale.crop}", f"data.resize={scale.resize}",
@@ -521,13 +523,43 @@ def measure_speed(scale: Scale, listing: Path, weights: Path, device: str, workd
 # ----------------------------------------------------------------------------------------------
 # 4. Projection: the wall-clock of a reproduction
 
-def project(cfg: dict, dataset: str, steps: int, speed: dict, assumption: str) -> dict:
-    """Hours of `python train.py <cfg>` (all folds) from the measured figures: every step at the pace
-    of the slower of step and loader (with the config's workers); validations, re-selections (their
-    candidates embedded at the validation pass's images/s) and the test pass at the measured
-    images/s; retrieval metrics scaled from the validation pass by (images / measured images)^2
-    (exact k-NN). NMI is not counted."""
+# The supplement's Table 3 (PAPER.md §7): the average total steps of a fold model on SOP and In-Shop
+TABLE3_STEPS = {
+    "sop": {"c2": 62_000, "c2-xbm": 81_000, "c2-ccp": 69_000, "ms": 67_000, "ms-ccp": 91_000, "triplet": 93_000,
+            "triplet-ccp": 124_000, "proxy_anchor": 54_000, "proxynca++": 88_000, "softtriple": 48_000},
+    "inshop": {"c2": 114_000, "c2-xbm": 93_000, "c2-ccp": 127_000, "ms": 98_000, "ms-ccp": 131_000,
+               "triplet": 73_000, "triplet-ccp": 115_000, "proxy_anchor": 87_000, "proxynca++": 103_000,
+               "softtriple": 82_000},
+}
+HEADLINE = ("configs/sop_ms.yaml", "configs/cub_ms.yaml")  # the projections the check prints
+
+
+def table3_steps(cfg: dict) -> tuple[int, str]:
+    """Steps per fold model for a paper config, and the assumption: its Table 3 row (C1 has none: C2's;
+    XBM's is C2-XBM); CUB and Cars have no rows: as many validations as the SOP row, at their interval."""
+    method, loss = cfg["method"], cfg["loss"]["name"]
+    if method in ("proxy_anchor", "proxynca++", "softtriple"):
+        row = method
+    else:
+        row = "c2-xbm" if method == "xbm" else ("c2" if loss == "c1" else loss) + ("-ccp" if method == "ccp" else "")
+    dataset, E = cfg["dataset"]["name"], cfg["train"]["eval_every"]
+    note = " (Table 3 has no C1 rows)" if loss == "c1" and row != method else ""
+    if dataset in TABLE3_STEPS:
+        return TABLE3_STEPS[dataset][row], f"Table 3's {row} row for {dataset}{note}"
+    validations = TABLE3_STEPS["sop"][row] // 250
+    return validations * E, (f"no {dataset} rows in Table 3: as many validations as its sop {row} row "
+                             f"({validations}){note}")
+
+
+def project(cfg: dict, speed: dict) -> dict:
+    """Hours of `python train.py <cfg>` (every fold and repeat) from the measured figures, with the steps
+    of table3_steps: every step at the pace of the slower of step (MS-CCP's for CCP, plain MS's for the
+    rest) and loader; validations, re-selections (their candidates embedded at the validation pass's
+    images/s) and the test pass at the measured images/s; retrieval metrics scaled from the validation
+    pass by (images / measured images)^2 (exact k-NN). NMI and the ensembles are not counted."""
+    steps, assumption = table3_steps(cfg)
     val, loader, step = speed["validation"], speed["loader"], speed["step"]
+    dataset = cfg["dataset"]["name"]
     train_images, train_classes = data.EXPECTED_COUNTS[dataset]["train"]
     test_images = sum(images for images, _ in data.EXPECTED_COUNTS[dataset].values()) - train_images
     fit_classes, val_classes = (len(c) for c in data.mlrc_folds(range(train_classes), cfg["folds"])[0])
@@ -538,36 +570,61 @@ def project(cfg: dict, dataset: str, steps: int, speed: dict, assumption: str) -
     def pass_s(images: float) -> float:
         return images / val["images_per_s"] + val["metrics_s"] * (images / val["images"]) ** 2
 
-    step_s = max(step["ccp"]["median_ms"] / 1000, step["batch"] / loader["images_per_s"])
+    ccp = cfg["method"] == "ccp"
+    step_s = max(step["ccp" if ccp else "plain"]["median_ms"] / 1000, step["batch"] / loader["images_per_s"])
     evaluations = steps // E
     # an instance lasts at least 1 + instance_patience validations (PAPER.md §2), plus the first selection
-    most_instances = 1 + evaluations // (1 + cfg["projection"]["instance_patience"])
+    reselections = [1, 1 + evaluations // (1 + cfg["projection"]["instance_patience"])] if ccp else [0, 0]
     sel, ratio = speed["reselection"], fit_classes / speed["reselection"]["classes"]
     # k-center and the covering radius grow with the classes, the mean inter-class distance with their square
     select_s = sel["kcenter_ms"] / 1000 * ratio + 2 * (sel["covering_radius_s"] * ratio +
                                                        sel["interclass_distance_s"] * ratio ** 2)
     embed_s = fit_classes * pool / val["images_per_s"]
     fixed = steps * step_s + evaluations * pass_s(val_images) + pass_s(test_images)
-    hours = [cfg["folds"] * (fixed + n * (embed_s + select_s)) / 3600 for n in (1, most_instances)]
-    return {"steps_per_model": steps, "assumption": assumption, "folds": cfg["folds"], "eval_every": E,
-            "validations_per_model": evaluations, "reselections_per_model": [1, most_instances],
+    models = cfg["folds"] * cfg["repeats"]
+    hours = [models * (fixed + n * (embed_s + select_s)) / 3600 for n in reselections]
+    return {"steps_per_model": steps, "assumption": assumption, "folds": cfg["folds"], "repeats": cfg["repeats"],
+            "eval_every": E, "validations_per_model": evaluations, "reselections_per_model": reselections,
             "step_s": step_s, "validation_s": pass_s(val_images), "candidates": fit_classes * pool,
             "reselection_embed_s": embed_s, "reselection_select_s": select_s, "test_s": pass_s(test_images),
             "hours": hours}
 
 
-def projections(speed: dict) -> dict:
-    sop = train.load_config(ROOT / "configs" / "sop_ms.yaml")
-    cub = train.load_config(ROOT / "configs" / "cub_ms.yaml")
-    validations = SOP_MS_CCP_STEPS // sop["train"]["eval_every"]
-    return {
-        "configs/sop_ms.yaml": project(sop, "sop", SOP_MS_CCP_STEPS, speed,
-                                       "91K steps per fold model: MS-CCP on SOP in the supplement's Table 3"),
-        "configs/cub_ms.yaml": project(cub, "cub", validations * cub["train"]["eval_every"], speed,
-                                       f"Table 3 has no CUB row: as many validations as MS-CCP on SOP "
-                                       f"({validations}), since early stopping counts validations, at "
-                                       f"eval_every {cub['train']['eval_every']}"),
-    }
+def paper_configs() -> list[Path]:
+    """The shipped configs of the paper's four datasets (not their base files)."""
+    return [path for path in sorted((ROOT / "configs").glob("*.yaml")) if not path.name.startswith("base_")
+            and train.load_config(path)["dataset"]["name"] in ("cub", "cars", "sop", "inshop")]
+
+
+def projections(speed: dict, configs: list[str] = HEADLINE) -> dict:
+    return {config: project(train.load_config(ROOT / config), speed) for config in configs}
+
+
+def cost_comment(path: Path, report_path: Path) -> tuple[str, dict]:
+    """A paper config's `# cost:` line from a saved report's speed figures, and its projection."""
+    report = json.loads(report_path.read_text())
+    p = project(train.load_config(path), report["speed"])
+    low, high = (round(h) for h in p["hours"])
+    hours = f"{low} h" if low == high else f"{low}-{high} h"
+    models = f"{p['folds'] * p['repeats']} models ({p['folds']} folds x {p['repeats']} repeats)"
+    return (f"# cost: {models}, about {hours} on {report['device']} (benchmarks/gpu_check.py --costs "
+            f"benchmarks/{report_path.name})"), p
+
+
+def costs(report_path: Path, write: bool) -> str:
+    """Every paper config's projection from a saved report, one line each; with `write`, each config's
+    `# cost:` comment line is set from it (after the header comment)."""
+    lines = [f"projected wall-clock of every paper config from {report_path}:"]
+    for path in paper_configs():
+        comment, p = cost_comment(path, report_path)
+        lines.append(f"  {path.name:<28} {comment[len('# cost: '):comment.index(' (benchmarks')]}; "
+                     f"{p['steps_per_model']} steps each: {p['assumption']}")
+        if write:
+            text = [line for line in path.read_text().splitlines(keepends=True) if not line.startswith("# cost:")]
+            header = next(i for i, line in enumerate(text) if not line.startswith("#"))
+            text = "".join(text[:header] + [comment + "\n"] + text[header:])
+            bookkeeping.atomic_write(path, lambda tmp: tmp.write_text(text))  # noqa: B023 (called at once)
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,7 +696,7 @@ def format_report(report: dict) -> str:
         for config, p in report["projection"].items():
             low, high = p["hours"]
             lines.append(f"   python train.py {config}: {low:.1f} to {high:.1f} h ({p['folds']} folds x "
-                         f"{p['steps_per_model']} steps; {p['assumption']})")
+                         f"{p['repeats']} repeats x {p['steps_per_model']} steps; {p['assumption']})")
             lines.append(f"      per fold model: step {1000 * p['step_s']:.0f} ms, {p['validations_per_model']} "
                          f"validations of {p['validation_s']:.1f} s, {p['reselections_per_model'][0]} to "
                          f"{p['reselections_per_model'][1]} re-selections of {p['reselection_embed_s']:.1f} s "
@@ -737,7 +794,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="loader workers of the determinism runs "
                                                                   "(default: 0 with --quick, else up to 12: "
                                                                   "results do not depend on it)")
+    parser.add_argument("--costs", type=Path, default=None, help="print every paper config's projected hours from "
+                                                                    "this saved report's figures, and check nothing")
+    parser.add_argument("--write-configs", action="store_true", help="with --costs: set each config's # cost: line")
     args = parser.parse_args(argv)
+    if args.costs:
+        print(costs(args.costs, args.write_configs))
+        return 0
     scale = QUICK if args.quick else FULL
     threads = args.threads or (1 if args.quick else None)
     if threads:
