@@ -104,6 +104,8 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
     sampler = data.MPerClassSampler(fit.labels, dc["samples_per_class"], dc["classes_per_batch"], tc["eval_every"],
                                     seed, order=dc["sampler"], refill=dc["refill"])
     workers = loader_workers(cfg)
+    if dc["cache_validation"]:  # validated every E steps: decode its images once
+        splits["val"] = data.decoded(splits["val"], workers, dc["eval_batch_size"])
     loader = torch.utils.data.DataLoader(fit, batch_sampler=sampler, num_workers=workers,
                                          persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(seed))
@@ -239,9 +241,11 @@ def describe_run(r: Run) -> None:
     method, loss = cfg["method"], cfg["loss"]["name"].upper()
     what = f"{loss}-CCP" if method == "ccp" else f"{loss} (no proxies)" if method == "baseline" else method
     dataset = cfg["dataset"]["name"] if cfg["dataset"]["name"] != "folder" else f"your images in {cfg['dataset']['root']}"
+    cached = f", decoded once: {val.images.nbytes / 2**20:.2f} MiB in memory" \
+        if val.images is not None and val.images.dtype == torch.uint8 else ""  # data.decoded
     r.say(f"{what} on {dataset}, fold {r.fold} of {cfg['folds']}, seed {r.seed}: "
           f"{fit.num_classes} training classes ({len(fit)} images), {val.num_classes} validation classes "
-          f"({len(val)}), {tests}; device {r.device}; writing to {r.dir}")
+          f"({len(val)}{cached}), {tests}; device {r.device}; writing to {r.dir}")
 
 
 def channels_last(value: bool | str, device: torch.device) -> bool:

@@ -145,8 +145,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 class RetrievalDataset(torch.utils.data.Dataset):
     """One split: `labels` (0-based ints), `paths`, `num_classes`, items (image, label).
 
-    An item is a PIL RGB image when transform is None, else transform(image). In-memory sets
-    (digits) keep their (N, 1, 8, 8) float tensors in `images` and use synthetic paths.
+    An item is a PIL RGB image when transform is None, else transform(image). In-memory sets keep
+    their images in `images` (digits: (N, 1, 8, 8) floats and synthetic paths; `decoded`: uint8 crops).
     `class_names[label]` names a class where the data has names (folder), else it is None.
     """
 
@@ -786,11 +786,30 @@ def build_transform(style: str, train: bool, crop_size: int = 227, resize: int =
     else:
         geometry = [v2.Resize(resize), v2.CenterCrop(crop_size)]
     if style == "bninception":
-        pixels = [v2.ToImage(), v2.ToPureTensor(), CaffeBGR()]
+        convert = [CaffeBGR()]
     else:
-        pixels = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                  v2.ToPureTensor()]
-    return v2.Compose(geometry + pixels)
+        convert = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    # two stages: the image as a uint8 tensor, then its conversion to the network's input (see decoded)
+    return v2.Compose([v2.Compose(geometry + [v2.ToImage(), v2.ToPureTensor()]), v2.Compose(convert)])
+
+
+def decoded(dataset: RetrievalDataset, workers: int = 0, batch_size: int = 128) -> RetrievalDataset:
+    """`dataset` under an evaluation transform of build_transform, with its first stage (decoding, resize,
+    centre crop: deterministic) applied once to every image and kept in memory as one uint8 tensor, in
+    shared memory for loader workers; its items then run only the second stage, the float conversion,
+    so they are bit for bit those of `dataset`. An in-memory set (digits) is returned as it is."""
+    if dataset.images is not None:
+        return dataset
+    first, convert = dataset.transform.transforms
+    images = None
+    loader = torch.utils.data.DataLoader(dataset.with_transform(first), batch_size=batch_size, num_workers=workers)
+    for start, (batch, _) in zip(range(0, len(dataset), batch_size), loader):
+        if images is None:
+            images = torch.empty((len(dataset), *batch.shape[1:]), dtype=batch.dtype).share_memory_()
+        images[start:start + len(batch)] = batch
+    cached = dataset.with_transform(convert)
+    cached.images = images
+    return cached
 
 
 # ----------------------------------------------------------------------------- download and check

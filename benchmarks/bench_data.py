@@ -5,6 +5,7 @@ DataLoader with MPerClassSampler batches of 32 (8 classes × 4) and 0, 1, 2 work
 JPEGs of ~500×375 (the size of CUB/Cars photos), then the time of one forward+backward of
 BN-Inception (frozen BatchNorm, 128-D embedding) at batch 32 on the same machine. First, the
 sampler alone: milliseconds per batch of each order on SOP's training labels (the most classes).
+Then an evaluation pass (eval transform) decoding every time against `data.decoded` (decoded once).
 
     python benchmarks/bench_data.py [--images 256] [--batches 12] [--steps 3]
 """
@@ -43,6 +44,14 @@ def pipeline_throughput(dataset: data.RetrievalDataset, workers: int, batches: i
     next(iterator)  # start-up (worker processes) and first decode are not steady-state throughput
     start = time.perf_counter()
     images = sum(len(labels) for _, labels in iterator)
+    return images / (time.perf_counter() - start)
+
+
+def eval_pass_rate(dataset: data.RetrievalDataset, workers: int) -> float:
+    """Images/s of one evaluation pass (batches of 128, as train.eval_loader), worker start-up included."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=workers)
+    start = time.perf_counter()
+    images = sum(len(labels) for _, labels in loader)
     return images / (time.perf_counter() - start)
 
 
@@ -102,6 +111,16 @@ def main() -> None:
             print(f"pipeline, {workers} workers ({torch_threads} torch threads in the main process): "
                   f"{rate:7.1f} images/s = {32 / rate * 1000:6.1f} ms per batch of 32")
         torch.set_num_threads(threads)
+        # an evaluation pass (validation): decoding every time against data.decoded (decoded once)
+        evaluation = dataset.with_transform(data.build_transform("bninception", train=False))
+        start = time.perf_counter()
+        cached = data.decoded(evaluation, workers=2)
+        print(f"evaluation pass, eval transform 227: data.decoded built in {time.perf_counter() - start:.2f} s "
+              f"with 2 workers ({cached.images.nbytes / 2**20:.0f} MiB), then per pass:")
+        for workers in (0, 2):
+            decoding, from_memory = eval_pass_rate(evaluation, workers), eval_pass_rate(cached, workers)
+            print(f"  {workers} workers: decoding {decoding:7.1f} images/s, decoded once {from_memory:7.1f} images/s "
+                  f"({from_memory / decoding:.1f}x)")
     step = bninception_step_seconds(args.steps)
     if step is not None:
         print(f"BN-Inception train step (forward+backward+Adam, batch 32, 227x227): {step * 1000:.0f} ms "

@@ -391,7 +391,8 @@ def step_variant(config: str, overrides: list[str], run_dir: Path, log: Path, wa
                          generator=g) * 50  # about the spread of Caffe-BGR pixels (data.CaffeBGR)
     labels = torch.arange(dc["classes_per_batch"]).repeat_interleave(dc["samples_per_class"])
     pull = (lambda: r.ccp.anchor.add_to_grad(lam)) if isinstance(r.ccp, train.CCP) else None
-    v = {"run": r, "cfg": cfg, "inputs": inputs.to(device), "labels": labels.to(device), "pull": pull, "times": []}
+    v = {"run": r, "cfg": cfg, "inputs": inputs.to(device), "labels": labels.to(device), "pull": pull, "times": [],
+         "log": log}
     for _ in range(warmup_steps):
         timed_step(v)
     v["state_bytes"] = state_bytes(r)
@@ -452,12 +453,21 @@ def measure_reselection(cfg: dict, classes: int) -> dict:
 
 
 def measure_validation(v: dict) -> dict:
-    """One validation pass as train.validate runs it: embed the fold's validation classes, MAP@R."""
+    """One validation pass as train.validate runs it: embed the fold's validation classes, MAP@R; decoding
+    the images (as a test pass or a candidate pool does), and from data.decoded's copy (decoded once
+    per model, timed too, then read at every validation: data.cache_validation)."""
     r, cfg = v["run"], v["cfg"]
-    (embeddings, labels), embed_s = timed(lambda: train.embed_normalized(r.network, r.splits["val"], cfg, r.device))
+    workers = build.loader_workers(cfg)
+    with quiet(v["log"]):  # the listing's counts are not a benchmark's: data.py warns
+        decoding = build.build_splits(cfg, r.fold)["val"]
+    (embeddings, labels), embed_s = timed(lambda: train.embed_normalized(r.network, decoding, cfg, r.device))
     _, metrics_s = timed(lambda: evaluate.retrieval_metrics(embeddings, labels, recall_ks=(1,)))
-    return {"images": len(labels), "classes": r.splits["val"].num_classes, "embed_s": embed_s,
-            "metrics_s": metrics_s, "images_per_s": len(labels) / embed_s, "workers": build.loader_workers(cfg)}
+    cached, build_s = timed(lambda: data.decoded(decoding, workers, cfg["data"]["eval_batch_size"]))
+    (again, _), cached_s = timed(lambda: train.embed_normalized(r.network, cached, cfg, r.device))
+    return {"images": len(labels), "classes": decoding.num_classes, "embed_s": embed_s, "metrics_s": metrics_s,
+            "images_per_s": len(labels) / embed_s, "workers": workers,
+            "decoded_once": {"build_s": build_s, "embed_s": cached_s, "images_per_s": len(labels) / cached_s,
+                             "bytes": cached.images.nbytes, "identical": torch.equal(again, embeddings)}}
 
 
 def loader_rate(loader, sampler, device: torch.device, batches: int) -> float:
@@ -554,9 +564,10 @@ def table3_steps(cfg: dict) -> tuple[int, str]:
 def project(cfg: dict, speed: dict) -> dict:
     """Hours of `python train.py <cfg>` (every fold and repeat) from the measured figures, with the steps
     of table3_steps: every step at the pace of the slower of step (MS-CCP's for CCP, plain MS's for the
-    rest) and loader; validations, re-selections (their candidates embedded at the validation pass's
-    images/s) and the test pass at the measured images/s; retrieval metrics scaled from the validation
-    pass by (images / measured images)^2 (exact k-NN). NMI and the ensembles are not counted."""
+    rest) and loader; validations at the images/s of data.decoded's copy where that was measured (plus
+    decoding it once per model), else of the decoding pass; re-selections' candidates and the test pass
+    at the decoding pass's images/s; retrieval metrics scaled from the validation pass by (images /
+    measured images)^2 (exact k-NN). NMI and the ensembles are not counted."""
     steps, assumption = table3_steps(cfg)
     val, loader, step = speed["validation"], speed["loader"], speed["step"]
     dataset = cfg["dataset"]["name"]
@@ -567,8 +578,8 @@ def project(cfg: dict, speed: dict) -> dict:
     E, per_class = cfg["train"]["eval_every"], cfg["ccp"]["proxies_per_class"]
     pool = cfg["ccp"]["pool_size"] * (per_class if cfg["ccp"]["pool_size"] < per_class else 1)
 
-    def pass_s(images: float) -> float:
-        return images / val["images_per_s"] + val["metrics_s"] * (images / val["images"]) ** 2
+    def pass_s(images: float, images_per_s: float = val["images_per_s"]) -> float:
+        return images / images_per_s + val["metrics_s"] * (images / val["images"]) ** 2
 
     ccp = cfg["method"] == "ccp"
     step_s = max(step["ccp" if ccp else "plain"]["median_ms"] / 1000, step["batch"] / loader["images_per_s"])
@@ -580,12 +591,16 @@ def project(cfg: dict, speed: dict) -> dict:
     select_s = sel["kcenter_ms"] / 1000 * ratio + 2 * (sel["covering_radius_s"] * ratio +
                                                        sel["interclass_distance_s"] * ratio ** 2)
     embed_s = fit_classes * pool / val["images_per_s"]
-    fixed = steps * step_s + evaluations * pass_s(val_images) + pass_s(test_images)
+    # validations: from the images decoded once per model (data.cache_validation), where that was measured
+    once = val.get("decoded_once") if cfg["data"]["cache_validation"] else None
+    validation_s = pass_s(val_images) if once is None else pass_s(val_images, once["images_per_s"])
+    decode_once_s = 0.0 if once is None else once["build_s"] * val_images / val["images"]
+    fixed = steps * step_s + decode_once_s + evaluations * validation_s + pass_s(test_images)
     models = cfg["folds"] * cfg["repeats"]
     hours = [models * (fixed + n * (embed_s + select_s)) / 3600 for n in reselections]
     return {"steps_per_model": steps, "assumption": assumption, "folds": cfg["folds"], "repeats": cfg["repeats"],
             "eval_every": E, "validations_per_model": evaluations, "reselections_per_model": reselections,
-            "step_s": step_s, "validation_s": pass_s(val_images), "candidates": fit_classes * pool,
+            "step_s": step_s, "validation_s": validation_s, "candidates": fit_classes * pool,
             "reselection_embed_s": embed_s, "reselection_select_s": select_s, "test_s": pass_s(test_images),
             "hours": hours}
 
@@ -686,6 +701,10 @@ def format_report(report: dict) -> str:
         lines.append(f"   validation pass: {val['images']} images of {val['classes']} classes ({val['data']}), "
                      f"{val['workers']} workers: embed {val['embed_s']:.1f} s ({val['images_per_s']:.0f} images/s), "
                      f"MAP@R {val['metrics_s']:.2f} s")
+        once = val["decoded_once"]
+        lines.append(f"   the same from data.decoded's copy ({mib(once['bytes'])}, built in {once['build_s']:.1f} s): "
+                     f"embed {once['embed_s']:.1f} s ({once['images_per_s']:.0f} images/s), "
+                     f"{'identical embeddings' if once['identical'] else 'DIFFERENT embeddings'}")
         retry = f"; with {ld['retry']['workers']} workers {ld['retry']['images_per_s']:.0f} images/s" \
             if ld["retry"] else ""
         lines.append(f"   training loader: {ld['workers']} workers deliver {ld['images_per_s']:.0f} images/s, an "
@@ -733,6 +752,8 @@ def speed_section(scale: Scale, listing: Path, weights: Path, device: str, workd
     except Exception as err:
         return {}, {}, [f"speed: {describe_failure(err)}"]
     ld, problems = speed["loader"], []
+    if not speed["validation"]["decoded_once"]["identical"]:
+        problems.append("validation: the embeddings of data.decoded's copy differ from those of the decoding pass")
     if not ld["keeps_up"] and scale.name == "full":
         problems.append(f"loader: {ld['workers']} workers deliver {ld['images_per_s']:.0f} images/s, an MS-CCP "
                         f"step consumes {ld['step_consumes_images_per_s']:.0f}" + (

@@ -716,6 +716,21 @@ def test_seeded_augmentation_same_in_dataloader_workers(cub_root):
         assert labels.tolist() == [dataset.labels[i] for i, _ in batch]
 
 
+@pytest.mark.parametrize("style", ["bninception", "resnet"])
+def test_decoded_keeps_uint8_crops_and_gives_the_same_items(cub_root, style):
+    # the evaluation transform's first stage done once (the reference: the dataset decoding every time)
+    root, _ = cub_root
+    dataset = build("cub", root, "test", data.build_transform(style, train=False, crop_size=12, resize=14))
+    cached = data.decoded(dataset, workers=0, batch_size=3)  # batches that do not divide the split
+    assert cached.images.dtype == torch.uint8 and cached.images.shape == (len(dataset), 3, 12, 12)
+    assert cached.images.is_shared() and cached.labels == dataset.labels and dataset.images is None
+    for i in range(len(dataset)):
+        mine, theirs = cached[i], dataset[i]
+        assert torch.equal(mine[0], theirs[0]) and mine[0].dtype == theirs[0].dtype and mine[1] == theirs[1]
+    digits = data.build_dataset("digits", None, "test")
+    assert data.decoded(digits) is digits  # already in memory
+
+
 def test_with_transform_is_a_shallow_copy():
     dataset = data.build_dataset("digits", None, "train")
     shifted = dataset.with_transform(data.build_transform("digits", train=True))

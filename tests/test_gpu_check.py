@@ -75,6 +75,8 @@ def test_quick_check_reports_speed_memory_and_projection(quick_report):
     assert step["channels_last_over_nchw"] == step["ccp"]["median_ms"] / step["ccp_nchw"]["median_ms"]
     assert report["speed"]["reselection"]["classes"] == 200 and report["speed"]["reselection"]["pool_size"] == 7
     assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 0
+    once = report["speed"]["validation"]["decoded_once"]  # uint8 crops of the speed section's 64 x 64
+    assert once["identical"] and once["bytes"] == report["speed"]["validation"]["images"] * 3 * 64 * 64
     for config in ("configs/sop_ms.yaml", "configs/cub_ms.yaml"):
         low, high = report["projection"][config]["hours"]
         assert 0 < low < high and report["projection"][config]["folds"] == 4
@@ -191,6 +193,14 @@ def test_projection_follows_its_stated_model():
     baseline = gpu_check.project(train.load_config(ROOT / "configs" / "sop_ms_baseline.yaml", ["repeats=1"]), speed)
     per_model = 67_000 * 0.25 + 268 * val_images / 1000 + 60502 / 1000  # Table 3's MS row at the plain step
     assert baseline["hours"] == pytest.approx([4 * per_model / 3600] * 2)
+    # validations from the decoded-once copy (data.cache_validation) at 4,000 images/s, built in 0.5 s per
+    # 100 images; the test pass and the candidates still decode
+    speed["validation"]["decoded_once"] = {"images_per_s": 4000.0, "build_s": 0.5}
+    cached = gpu_check.project(train.load_config(ROOT / "configs" / "sop_ms_baseline.yaml", ["repeats=1"]), speed)
+    per_model = 67_000 * 0.25 + 0.5 * val_images / 100 + 268 * val_images / 4000 + 60502 / 1000
+    assert cached["hours"] == pytest.approx([4 * per_model / 3600] * 2)
+    off = ["repeats=1", "data.cache_validation=false"]
+    assert gpu_check.project(train.load_config(ROOT / "configs" / "sop_ms_baseline.yaml", off), speed) == baseline
 
 
 def test_every_paper_config_states_its_projected_cost():

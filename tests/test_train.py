@@ -332,6 +332,28 @@ def make_fake_cub(root: Path, classes_per_side: int = 4, images_per_class: int =
     (base / "classes.txt").write_text("\n".join(names) + "\n")
 
 
+def test_validation_decoded_once_gives_the_same_run(tmp_path):
+    # data.cache_validation: the validation images decoded once (read by a loader worker from shared
+    # memory here) against decoding them at every validation: the same log and results, bit for bit
+    make_fake_cub(tmp_path / "cub")
+    runs = {}
+    for cache, workers in ((True, 1), (False, 0)):
+        overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / str(cache)}", "device=cpu",
+                     "repeats=1", "folds=2", "fold=1", "model.backbone=tiny_cnn", "model.pretrained=null",
+                     "model.embedding_dim=8", "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}",
+                     "data.transform=resnet", "data.crop_size=24", "data.resize=28", "data.classes_per_batch=2",
+                     "data.samples_per_class=3", f"data.num_workers={workers}", "ccp.proxies_per_class=2",
+                     "ccp.pool_size=3", "train.max_steps=4", "train.eval_every=2", "evaluation.nmi=false",
+                     f"data.cache_validation={str(cache).lower()}"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the fake has far fewer images than CUB: data.py warns
+            runs[cache] = train.run(train.load_config(ROOT / "configs" / "cub_ms.yaml", overrides))
+    logs = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / str(c) / "metrics.jsonl")]
+            for c in (True, False)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0] if "val" in r] == [2, 4]
+    assert runs[True]["mean"] == runs[False]["mean"]
+
+
 def test_fake_cub_trains_with_the_tiny_cnn(tmp_path):
     make_fake_cub(tmp_path / "cub")
     overrides = [f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}", "device=cpu", "repeats=1",
@@ -470,7 +492,7 @@ def make_fake_inshop(root: Path) -> None:
 @pytest.mark.parametrize("dataset, make", [("sop", make_fake_sop), ("inshop", make_fake_inshop)])
 def test_fake_sop_and_inshop_train_and_test(tmp_path, capsys, dataset, make):
     make(tmp_path / dataset)
-    overrides = [f"dataset.root={tmp_path / dataset}", f"run_dir={tmp_path / 'run'}", "device=cpu",
+    overrides = [f"dataset.root={tmp_path / dataset}", f"run_dir={tmp_path / 'run'}", "device=cpu", "repeats=1",
                  "folds=2", "fold=0", "model.backbone=tiny_cnn", "model.pretrained=null", "model.embedding_dim=8",
                  "model.freeze_bn=false", "model.backbone_kwargs={in_channels: 3}", "data.transform=resnet",
                  "data.crop_size=24", "data.resize=28", "data.classes_per_batch=2", "data.samples_per_class=2",
@@ -482,7 +504,9 @@ def test_fake_sop_and_inshop_train_and_test(tmp_path, capsys, dataset, make):
         results = train.run(cfg)
     header = capsys.readouterr().out.splitlines()[0]
     expected = "6 query images, 6 gallery images" if dataset == "inshop" else "16 test images"
-    assert expected in header and "2 training classes (8 images), 2 validation classes (8)" in header
+    # the 8 validation images decoded once: 8 x 3 x 24 x 24 bytes
+    assert expected in header and "2 training classes (8 images), 2 validation classes (8, decoded once: " \
+        f"{8 * 3 * 24 * 24 / 2**20:.2f} MiB in memory)" in header
     ks = [1, 10, 20, 30, 40] if dataset == "inshop" else [1, 10, 100, 1000]
     assert {f"R@{k}" for k in ks} <= results["mean"].keys()
     assert results["mean"]["R@10"] == 1.0  # every query's class is among fewer than 10 references
