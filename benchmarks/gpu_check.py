@@ -21,7 +21,7 @@ small JPEGs) and a BN-Inception weight file (model.BNInception().state_dict(), `
    JPEGs, so decoding costs what a photo costs): ms per train.train_step for plain MS and MS-CCP
    (BN-Inception, batch 32 = 8 x 4, 227 x 227, random images, no loading timed; the proxies of
    fold 0's 8,489 training classes x 4, the table a fold model trains: 16.6 MiB as in PAPER.md §8),
-   peak CUDA memory of each (on a CPU: the bytes of the tensors kept between steps); greedy
+   the host reads of a step (HostReads: each makes the host wait for the GPU), peak CUDA memory of each (on a CPU: the bytes of the tensors kept between steps); greedy
    k-center at SOP scale (selection.select_proxies on 11,318 x 7 candidates, on the host as in
    training); one validation pass over the fold's 14,885 validation images; images/s the training
    loader delivers with the config's workers against images/s the step consumes (and again with
@@ -61,6 +61,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -400,6 +401,48 @@ def step_variant(config: str, overrides: list[str], run_dir: Path, log: Path, wa
     return v
 
 
+class HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for a GPU's queue to drain: a value read on the host (.item(),
+    float(), bool(), .tolist(), .numpy()) and a result whose shape depends on values (nonzero,
+    masked_select, unique, indexing with a boolean mask). On a CPU nothing waits, but the same places
+    are counted."""
+
+    WAITING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func.__name__.split(".")[0] in ("index", "index_put", "index_put_") and any(
+            index is not None and index.dtype == torch.bool for index in args[1])
+        self.count += masked or any(op in func.__name__ for op in self.WAITING_OPS)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> HostReads:
+        # .tolist() and .numpy() of a CPU tensor read its memory without dispatching an operation
+        self.patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, method in self.patched.items():
+            def counted(tensor, *args, _method=method, **kwargs):
+                self.count += tensor.device.type == "cpu"  # a device tensor's copy to the host is dispatched
+                return _method(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for name, method in self.patched.items():
+            setattr(torch.Tensor, name, method)
+        super().__exit__(*exc)
+
+
+def host_reads(v: dict) -> int:
+    """Host reads in one training step of a variant (HostReads)."""
+    r = v["run"]
+    with HostReads() as reads:
+        train.train_step(r.network, r.compute_loss, r.optimizer, v["inputs"], v["labels"], v["pull"])
+    return reads.count
+
+
 def timed_step(v: dict) -> float:
     r = v["run"]
     synchronize(r.device)
@@ -415,7 +458,8 @@ def measure_steps(variants: dict[str, dict], scale: Scale) -> dict:
         for v in variants.values():
             v["times"].append(timed_step(v))
     figures = {name: {"median_ms": 1000 * statistics.median(v["times"]), "min_ms": 1000 * min(v["times"]),
-                      "state_bytes": v["state_bytes"], "peak_bytes": v["peak_bytes"]} for name, v in variants.items()}
+                      "state_bytes": v["state_bytes"], "peak_bytes": v["peak_bytes"], "host_reads": host_reads(v)}
+               for name, v in variants.items()}
     r = variants["ccp"]["run"]
     proxies = r.objective.proxies.weight
     figures["ccp_over_plain"] = figures["ccp"]["median_ms"] / figures["plain"]["median_ms"]
@@ -685,7 +729,8 @@ def format_report(report: dict) -> str:
                 continue
             f = s[name]
             lines.append(f"   {label:<12} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
-                         f"{mib(f['peak_bytes'])}, state kept between steps {mib(f['state_bytes'])}")
+                         f"{mib(f['peak_bytes'])}, state kept between steps {mib(f['state_bytes'])}, "
+                         f"{f['host_reads']} host reads a step")
         lines.append(f"   layout: channels_last / NCHW: {s['channels_last_over_nchw']:.3f} (the default here, "
                      f"model.channels_last: auto, is {s['ccp_layout']})")
         extra = s["ccp"]["state_bytes"] - s["plain"]["state_bytes"]

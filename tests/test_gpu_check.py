@@ -72,6 +72,7 @@ def test_quick_check_reports_speed_memory_and_projection(quick_report):
     assert step["batch"] == 32 and dim == 128
     for variant in ("plain", "ccp", "ccp_nchw"):
         assert 0 < step[variant]["min_ms"] <= step[variant]["median_ms"]
+        assert step[variant]["host_reads"] >= 1  # at least train_step's NaN guard reads the loss
     assert step["channels_last_over_nchw"] == step["ccp"]["median_ms"] / step["ccp_nchw"]["median_ms"]
     assert report["speed"]["reselection"]["classes"] == 200 and report["speed"]["reselection"]["pool_size"] == 7
     assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 0
@@ -169,6 +170,17 @@ def test_generated_layout_reads_as_sop(tmp_path):
             assert (len(train_split), train_split.num_classes, len(test_split), test_split.num_classes) == (23, 5, 9, 3)
             assert len(set(train_split.paths)) == distinct and all(Path(p).is_file() for p in train_split.paths)
             assert train_split[0][0].size == (24, 20)  # (width, height) of the default JPEG size
+
+
+def test_host_reads_counts_what_waits_for_the_device():
+    x = torch.arange(6.0)
+    with gpu_check.HostReads() as reads:
+        x.sum().item(), bool(x[0] > 1), x.tolist(), x.numpy(), torch.nonzero(x), x[x > 2], torch.unique(x)
+        y = x.clone()
+        y[y > 3] = 0.0
+        (x * 2 + 1).sum(), x[1:3], x[torch.tensor([0, 2])], x.abs()  # none of these waits
+    assert reads.count == 8  # item, bool, tolist, numpy, nonzero, a mask read, unique, a mask written
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # .tolist is restored on exit
 
 
 def test_projection_follows_its_stated_model():
