@@ -182,8 +182,8 @@ def _disagreement(saved: dict, wanted: dict, keys: tuple[str, ...]) -> str:
     differ = [k for k in keys if saved.get(k) != wanted[k]]
     if not differ:
         return ""
-    return (", ".join(f"{k}={saved.get(k)!r}" for k in differ) + " but the config says "
-            + ", ".join(f"{k}={wanted[k]!r}" for k in differ))
+    return (", ".join(f"{k}={saved[k]!r}" if k in saved else f"no {k} (older code)" for k in differ)
+            + " but the config says " + ", ".join(f"{k}={wanted[k]!r}" for k in differ))
 
 
 RUN_FILES = ("last.pt", "results.json", "metrics.jsonl", "config.yaml")

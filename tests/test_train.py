@@ -376,6 +376,13 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
     run_digits(tmp_path, "run", "train.max_steps=5")
     with pytest.raises(train.ConfigError, match=r"model\.embedding_dim=32.*config says model\.embedding_dim=16"):
         run_digits(tmp_path, "run", "train.max_steps=10", "resume=auto", "model.embedding_dim=16")
+    # a checkpoint of older code, from before a key that shapes the state (data.refill): named as such
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    del state["config"]["data"]["refill"]
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(train.ConfigError, match=r"with no data\.refill \(older code\) but the config says "
+                                                r"data\.refill='cycle'"):
+        run_digits(tmp_path, "run", "train.max_steps=10", "resume=auto")
 
 
 def test_unreadable_checkpoint_and_occupied_eval_dir_are_clear_errors(tmp_path, capsys):
