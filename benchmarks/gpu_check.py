@@ -528,16 +528,20 @@ def loader_rate(loader, sampler, device: torch.device, batches: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+LOADER_MARGIN = 1.2  # the loader keeps up when it delivers this many times what a step consumes (issue 20)
+
+
 def measure_loader(v: dict, step_ms: float, scale: Scale) -> dict:
-    """The config's training loader against the step's appetite; if it falls short, more workers."""
+    """The config's training loader against the step's appetite (with LOADER_MARGIN); if it falls short,
+    more workers."""
     r = v["run"]
     workers = r.loader.num_workers
     delivered = loader_rate(r.loader, r.sampler, r.device, scale.loader_batches)
     consumed = v["labels"].numel() * 1000 / step_ms
     figures = {"workers": workers, "images_per_s": delivered, "step_consumes_images_per_s": consumed,
-               "keeps_up": delivered >= consumed, "cpu_count": os.cpu_count(), "retry": None,
+               "keeps_up": delivered >= LOADER_MARGIN * consumed, "cpu_count": os.cpu_count(), "retry": None,
                "pin_memory": r.loader.pin_memory}
-    more = min(os.cpu_count() or 1, math.ceil(max(workers, 1) * 1.25 * consumed / delivered))
+    more = min(os.cpu_count() or 1, math.ceil(max(workers, 1) * 1.05 * LOADER_MARGIN * consumed / delivered))
     if not figures["keeps_up"] and more > workers:
         loader = torch.utils.data.DataLoader(r.loader.dataset, batch_sampler=r.sampler, num_workers=more,
                                              persistent_workers=True, pin_memory=r.loader.pin_memory,
@@ -754,7 +758,8 @@ def format_report(report: dict) -> str:
             if ld["retry"] else ""
         lines.append(f"   training loader: {ld['workers']} workers deliver {ld['images_per_s']:.0f} images/s, an "
                      f"MS-CCP step consumes {ld['step_consumes_images_per_s']:.0f}: "
-                     f"{'keeps up' if ld['keeps_up'] else 'FALLS SHORT'}{retry} ({ld['cpu_count']} CPUs)")
+                     f"{'keeps up' if ld['keeps_up'] else 'FALLS SHORT'} of {LOADER_MARGIN} x{retry} "
+                     f"({ld['cpu_count']} CPUs)")
     if report["projection"]:
         lines.append("4. projection" + (" (from reduced figures: no prediction)" if report["mode"] == "quick" else ""))
         for config, p in report["projection"].items():
