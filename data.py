@@ -795,9 +795,9 @@ def build_transform(style: str, train: bool, crop_size: int = 227, resize: int =
 
 def decoded(dataset: RetrievalDataset, workers: int = 0, batch_size: int = 128) -> RetrievalDataset:
     """`dataset` under an evaluation transform of build_transform, with its first stage (decoding, resize,
-    centre crop: deterministic) applied once to every image and kept in memory as one uint8 tensor, in
-    shared memory for loader workers; its items then run only the second stage, the float conversion,
-    so they are bit for bit those of `dataset`. An in-memory set (digits) is returned as it is."""
+    centre crop: deterministic) applied once to every image and kept in memory as one uint8 tensor (which
+    forked loader workers read without a copy); its items then run only the second stage, the float
+    conversion, so they are bit for bit those of `dataset`. An in-memory set (digits) is returned as is."""
     if dataset.images is not None:
         return dataset
     first, convert = dataset.transform.transforms
@@ -805,7 +805,7 @@ def decoded(dataset: RetrievalDataset, workers: int = 0, batch_size: int = 128) 
     loader = torch.utils.data.DataLoader(dataset.with_transform(first), batch_size=batch_size, num_workers=workers)
     for start, (batch, _) in zip(range(0, len(dataset), batch_size), loader):
         if images is None:
-            images = torch.empty((len(dataset), *batch.shape[1:]), dtype=batch.dtype).share_memory_()
+            images = torch.empty((len(dataset), *batch.shape[1:]), dtype=batch.dtype)
         images[start:start + len(batch)] = batch
     cached = dataset.with_transform(convert)
     cached.images = images

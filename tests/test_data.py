@@ -723,7 +723,7 @@ def test_decoded_keeps_uint8_crops_and_gives_the_same_items(cub_root, style):
     dataset = build("cub", root, "test", data.build_transform(style, train=False, crop_size=12, resize=14))
     cached = data.decoded(dataset, workers=0, batch_size=3)  # batches that do not divide the split
     assert cached.images.dtype == torch.uint8 and cached.images.shape == (len(dataset), 3, 12, 12)
-    assert cached.images.is_shared() and cached.labels == dataset.labels and dataset.images is None
+    assert cached.labels == dataset.labels and dataset.images is None
     for i in range(len(dataset)):
         mine, theirs = cached[i], dataset[i]
         assert torch.equal(mine[0], theirs[0]) and mine[0].dtype == theirs[0].dtype and mine[1] == theirs[1]

@@ -333,8 +333,8 @@ def make_fake_cub(root: Path, classes_per_side: int = 4, images_per_class: int =
 
 
 def test_validation_decoded_once_gives_the_same_run(tmp_path):
-    # data.cache_validation: the validation images decoded once (read by a loader worker from shared
-    # memory here) against decoding them at every validation: the same log and results, bit for bit
+    # data.cache_validation: the validation images decoded once (read by a loader worker here) against
+    # decoding them at every validation: the same log and results, bit for bit
     make_fake_cub(tmp_path / "cub")
     runs = {}
     for cache, workers in ((True, 1), (False, 0)):
