@@ -21,7 +21,8 @@ small JPEGs) and a BN-Inception weight file (model.BNInception().state_dict(), `
    JPEGs, so decoding costs what a photo costs): ms per train.train_step for plain MS and MS-CCP
    (BN-Inception, batch 32 = 8 x 4, 227 x 227, random images, no loading timed; the proxies of
    fold 0's 8,489 training classes x 4, the table a fold model trains: 16.6 MiB as in PAPER.md §8),
-   the host reads of a step (HostReads: each makes the host wait for the GPU), peak CUDA memory of each (on a CPU: the bytes of the tensors kept between steps); greedy
+   the host reads of a step (HostReads: each makes the host wait for the GPU), peak CUDA memory of
+   each (on a CPU: the bytes of the tensors kept between steps); greedy
    k-center at SOP scale (selection.select_proxies on 11,318 x 7 candidates, on the host as in
    training); one validation pass over the fold's 14,885 validation images; images/s the training
    loader delivers with the config's workers against images/s the step consumes (and again with
@@ -663,26 +664,31 @@ def projections(speed: dict, configs: list[str] = HEADLINE) -> dict:
     return {config: project(train.load_config(ROOT / config), speed) for config in configs}
 
 
-def cost_comment(path: Path, report_path: Path) -> tuple[str, dict]:
-    """A paper config's `# cost:` line from a saved report's speed figures, and its projection."""
-    report = json.loads(report_path.read_text())
+def cost(path: Path, report: dict) -> tuple[str, dict]:
+    """What a paper config costs by a saved report's figures ("12 models (4 folds x 3 repeats), about
+    43-68 h on <device>"), and its projection."""
     p = project(train.load_config(path), report["speed"])
     low, high = (round(h) for h in p["hours"])
     hours = f"{low} h" if low == high else f"{low}-{high} h"
-    models = f"{p['folds'] * p['repeats']} models ({p['folds']} folds x {p['repeats']} repeats)"
-    return (f"# cost: {models}, about {hours} on {report['device']} (benchmarks/gpu_check.py --costs "
-            f"benchmarks/{report_path.name})"), p
+    return f"{p['folds'] * p['repeats']} models ({p['folds']} folds x {p['repeats']} repeats), about {hours} on " \
+           f"{report['device']}", p
+
+
+def cost_comment(summary: str, report_path: Path) -> str:
+    """The `# cost:` line that heads a paper config."""
+    return f"# cost: {summary} (benchmarks/gpu_check.py --costs benchmarks/{report_path.name})"
 
 
 def costs(report_path: Path, write: bool) -> str:
     """Every paper config's projection from a saved report, one line each; with `write`, each config's
     `# cost:` comment line is set from it (after the header comment)."""
+    report = json.loads(report_path.read_text())
     lines = [f"projected wall-clock of every paper config from {report_path}:"]
     for path in paper_configs():
-        comment, p = cost_comment(path, report_path)
-        lines.append(f"  {path.name:<28} {comment[len('# cost: '):comment.index(' (benchmarks')]}; "
-                     f"{p['steps_per_model']} steps each: {p['assumption']}")
+        summary, p = cost(path, report)
+        lines.append(f"  {path.name:<28} {summary}; {p['steps_per_model']} steps each: {p['assumption']}")
         if write:
+            comment = cost_comment(summary, report_path)
             text = [line for line in path.read_text().splitlines(keepends=True) if not line.startswith("# cost:")]
             header = next(i for i, line in enumerate(text) if not line.startswith("#"))
             text = "".join(text[:header] + [comment + "\n"] + text[header:])

@@ -222,6 +222,6 @@ def test_every_paper_config_states_its_projected_cost():
     configs = gpu_check.paper_configs()
     assert len(configs) == 48
     for path in configs:
-        comment, p = gpu_check.cost_comment(path, report)
-        assert comment in path.read_text().splitlines(), path.name
+        summary, p = gpu_check.cost(path, json.loads(report.read_text()))
+        assert gpu_check.cost_comment(summary, report) in path.read_text().splitlines(), path.name
         assert p["folds"] * p["repeats"] == 12
