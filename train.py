@@ -433,6 +433,10 @@ def gather(trained: dict, world: int) -> dict:
         return trained
     parts = [None] * world if dist.get_rank() == 0 else None
     dist.gather_object(trained, parts, dst=0)
+    # the group's last meeting: closed by every process together, so that no process exits with gloo's
+    # threads still running (which aborts it: "terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
     return {key: value for part in parts or [] for key, value in part.items()}
 
 
