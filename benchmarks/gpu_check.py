@@ -393,8 +393,7 @@ def step_variant(config: str, overrides: list[str], run_dir: Path, log: Path, wa
                          generator=g) * 50  # about the spread of Caffe-BGR pixels (data.CaffeBGR)
     labels = torch.arange(dc["classes_per_batch"]).repeat_interleave(dc["samples_per_class"])
     pull = (lambda: r.ccp.anchor.add_to_grad(lam)) if isinstance(r.ccp, train.CCP) else None
-    v = {"run": r, "cfg": cfg, "inputs": inputs.to(device), "labels": labels.to(device), "pull": pull, "times": [],
-         "log": log}
+    v = {"run": r, "cfg": cfg, "inputs": inputs.to(device), "labels": labels.to(device), "pull": pull, "times": []}
     for _ in range(warmup_steps):
         timed_step(v)
     v["state_bytes"] = state_bytes(r)
@@ -502,9 +501,7 @@ def measure_validation(v: dict) -> dict:
     the images (as a test pass or a candidate pool does), and from data.decoded's copy (decoded once
     per model, timed too, then read at every validation: data.cache_validation)."""
     r, cfg = v["run"], v["cfg"]
-    workers = build.loader_workers(cfg)
-    with quiet(v["log"]):  # the listing's counts are not a benchmark's: data.py warns
-        decoding = build.build_splits(cfg, r.fold)["val"]
+    workers, decoding = build.loader_workers(cfg), r.splits["val"]  # decoded at every pass (speed_overrides)
     (embeddings, labels), embed_s = timed(lambda: train.embed_normalized(r.network, decoding, cfg, r.device))
     _, metrics_s = timed(lambda: evaluate.retrieval_metrics(embeddings, labels, recall_ks=(1,)))
     cached, build_s = timed(lambda: data.decoded(decoding, workers, cfg["data"]["eval_batch_size"]))
@@ -553,8 +550,10 @@ def measure_loader(v: dict, step_ms: float, scale: Scale) -> dict:
 
 
 def speed_overrides(scale: Scale, listing: Path, weights: Path, device: str) -> list[str]:
+    # no decoded copy of the validation split at build time: measure_validation times both ways itself
     return [f"dataset.root={listing}", f"device={device}", "fold=0", f"model.pretrained={weights}",
-            f"data.crop_size={scale.speed_crop}", f"data.resize={scale.speed_resize}", "train.log_every_seconds=1e9"]
+            f"data.crop_size={scale.speed_crop}", f"data.resize={scale.speed_resize}", "train.log_every_seconds=1e9",
+            "data.cache_validation=false"]
 
 
 def measure_speed(scale: Scale, listing: Path, weights: Path, device: str, workdir: Path) -> dict:
@@ -654,20 +653,21 @@ def project(cfg: dict, speed: dict) -> dict:
             "hours": hours}
 
 
-def paper_configs() -> list[Path]:
-    """The shipped configs of the paper's four datasets (not their base files)."""
-    return [path for path in sorted((ROOT / "configs").glob("*.yaml")) if not path.name.startswith("base_")
-            and train.load_config(path)["dataset"]["name"] in ("cub", "cars", "sop", "inshop")]
+def paper_configs() -> dict[Path, dict]:
+    """The shipped configs of the paper's four datasets (not their base files), loaded."""
+    configs = {path: train.load_config(path) for path in sorted((ROOT / "configs").glob("*.yaml"))
+               if not path.name.startswith("base_")}
+    return {path: cfg for path, cfg in configs.items() if cfg["dataset"]["name"] in ("cub", "cars", "sop", "inshop")}
 
 
 def projections(speed: dict, configs: list[str] = HEADLINE) -> dict:
     return {config: project(train.load_config(ROOT / config), speed) for config in configs}
 
 
-def cost(path: Path, report: dict) -> tuple[str, dict]:
+def cost(cfg: dict, report: dict) -> tuple[str, dict]:
     """What a paper config costs by a saved report's figures ("12 models (4 folds x 3 repeats), about
     43-68 h on <device>"), and its projection."""
-    p = project(train.load_config(path), report["speed"])
+    p = project(cfg, report["speed"])
     low, high = (round(h) for h in p["hours"])
     hours = f"{low} h" if low == high else f"{low}-{high} h"
     return f"{p['folds'] * p['repeats']} models ({p['folds']} folds x {p['repeats']} repeats), about {hours} on " \
@@ -684,8 +684,8 @@ def costs(report_path: Path, write: bool) -> str:
     `# cost:` comment line is set from it (after the header comment)."""
     report = json.loads(report_path.read_text())
     lines = [f"projected wall-clock of every paper config from {report_path}:"]
-    for path in paper_configs():
-        summary, p = cost(path, report)
+    for path, cfg in paper_configs().items():
+        summary, p = cost(cfg, report)
         lines.append(f"  {path.name:<28} {summary}; {p['steps_per_model']} steps each: {p['assumption']}")
         if write:
             comment = cost_comment(summary, report_path)

@@ -221,7 +221,7 @@ def test_every_paper_config_states_its_projected_cost():
     report = ROOT / "benchmarks" / "h200_9d103c4.json"
     configs = gpu_check.paper_configs()
     assert len(configs) == 48
-    for path in configs:
-        summary, p = gpu_check.cost(path, json.loads(report.read_text()))
+    for path, cfg in configs.items():
+        summary, p = gpu_check.cost(cfg, json.loads(report.read_text()))
         assert gpu_check.cost_comment(summary, report) in path.read_text().splitlines(), path.name
         assert p["folds"] * p["repeats"] == 12
