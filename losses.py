@@ -393,16 +393,16 @@ class CrossBatchMemory(nn.Module):
         z = self.normalize(embeddings)
         if self.include_batch:
             self._push(z.detach(), labels)
-            filled = len(self)
-            return self.loss_fn(z, labels, self.memory[:filled], self.memory_labels[:filled], **self.loss_params)
         filled = len(self)
         if filled == 0:
             loss = z.new_zeros(()) + 0.0 * z.sum()  # a zero tied to the graph: backward() works on an empty memory
         else:
-            # a copy: the enqueue below overwrites rows that backward still needs
-            memory = self.memory[:filled].clone()
-            loss = self.loss_fn(z, labels, memory, self.memory_labels[:filled].clone(), **self.loss_params)
-        self._push(z.detach(), labels)
+            memory, memory_labels = self.memory[:filled], self.memory_labels[:filled]
+            if not self.include_batch:  # copies: the enqueue below overwrites rows that backward still needs
+                memory, memory_labels = memory.clone(), memory_labels.clone()
+            loss = self.loss_fn(z, labels, memory, memory_labels, **self.loss_params)
+        if not self.include_batch:
+            self._push(z.detach(), labels)
         return loss
 
     def scheduled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
