@@ -105,11 +105,11 @@ def train_step(network: torch.nn.Module, compute_loss: Callable[[torch.Tensor, t
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss(network(inputs), labels)
     loss.backward()
-    value = loss.item()  # read after backward is queued, so that a GPU is not left idle meanwhile
-    if not math.isfinite(value):  # nothing has changed a weight yet
-        raise NonFiniteError(f"loss is {value}")
     if pull is not None:
         pull()
+    value = loss.item()  # read once backward and the pull are queued, so that a GPU is not left idle meanwhile
+    if not math.isfinite(value):  # nothing has changed a weight yet
+        raise NonFiniteError(f"loss is {value}")
     optimizer.step()
     return value
 
