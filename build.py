@@ -64,9 +64,10 @@ class Run:
                 "optimizer": self.optimizer, "ccp": self.ccp, "stopper": self.stopper, "sampler": self.sampler}
 
     def save(self, path: Path) -> None:
-        # with the layout it trains in: evaluate_saved and embed.py rebuild the network in it (last bits)
+        # with the layout and BatchNorm path it trains in: evaluate_saved and embed.py rebuild it so (last bits)
         save_checkpoint(path, self.stateful(), step=self.step, fold=self.fold, seed=self.seed, config=self.cfg,
-                        best=self.best, channels_last=self.network.channels_last)
+                        best=self.best, channels_last=self.network.channels_last,
+                        fold_bn=on_cpu(self.cfg["model"]["fold_bn"], self.device))
 
     def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.objective is not None:
@@ -123,6 +124,7 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
     keep_log_until(r.log_path, r.step if r.resumed else -1)
     # after every check: a refused resume leaves no trace
     record_segment(run_dir, cfg, r.step, resolved={"model.channels_last": network.channels_last,
+                                                   "model.fold_bn": on_cpu(cfg["model"]["fold_bn"], device),
                                                    "data.num_workers": workers})
     if r.resumed:
         r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
@@ -206,25 +208,29 @@ def check_inputs(cfg: dict, folds: list[int]) -> None:
 
 
 def saved_network(state: dict, device: torch.device, default_layout: bool | str = "auto") -> model.EmbeddingModel:
-    """A checkpoint's network with its weights, not moved to `device`, in the layout it was trained in, so
-    that its test metrics come out to the last bit (recorded in the checkpoint; before that, its config's
-    model.channels_last, and before that key, `default_layout`), resolved for `device`."""
+    """A checkpoint's network with its weights, not moved to `device`, in the layout and BatchNorm path it
+    was trained in, so that its test metrics come out to the last bit (recorded in the checkpoint; before
+    that, its config's model.channels_last, and before that key, `default_layout`, resolved for `device`;
+    BatchNorm folded, the only path before model.fold_bn)."""
     mc = state["config"]["model"]
-    layout = state.get("channels_last", channels_last(mc.get("channels_last", default_layout), device))
+    layout = state.get("channels_last", on_cpu(mc.get("channels_last", default_layout), device))
     network = model.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"],
-                                backbone_kwargs=mc["backbone_kwargs"], channels_last=layout)
+                                backbone_kwargs=mc["backbone_kwargs"], channels_last=layout,
+                                fold_bn=state.get("fold_bn", True))
     network.load_state_dict(state["model"])
     return network
 
 
 def build_network(cfg: dict, seed: int, device: torch.device) -> model.EmbeddingModel:
-    """The embedding model of the config, in the layout of model.channels_last on `device` (not moved
-    there); backbone_kwargs that leave a layer without weights are an error."""
+    """The embedding model of the config, in the layout and BatchNorm path of model.channels_last and
+    model.fold_bn on `device` (not moved there); backbone_kwargs that leave a layer without weights are an
+    error."""
     mc = cfg["model"]
     try:
         network = model.build_model(mc["backbone"], mc["embedding_dim"], mc["pretrained"], mc["pooling"],
                                     mc["freeze_bn"], seed=seed, backbone_kwargs=mc["backbone_kwargs"],
-                                    channels_last=channels_last(mc["channels_last"], device))
+                                    channels_last=on_cpu(mc["channels_last"], device),
+                                    fold_bn=on_cpu(mc["fold_bn"], device))
     except RuntimeError as err:  # e.g. a negative width: torch refuses the layer's size
         raise ConfigError(f"config key model.backbone_kwargs: {mc['backbone']} cannot be built with "
                           f"{mc['backbone_kwargs']}: {err}") from None
@@ -248,9 +254,10 @@ def describe_run(r: Run) -> None:
           f"({len(val)}{cached}), {tests}; device {r.device}; writing to {r.dir}")
 
 
-def channels_last(value: bool | str, device: torch.device) -> bool:
-    """model.channels_last on `device`: auto is true on a CPU (its fastest convolutions), false on CUDA
-    (an H200 stepped 45.1 ms in channels_last, 42.7 ms in NCHW: docs/gpu.md)."""
+def on_cpu(value: bool | str, device: torch.device) -> bool:
+    """model.channels_last and model.fold_bn on `device`: auto is true on a CPU and false on CUDA. Each is
+    the CPU's faster path; on an H200 channels_last stepped 45.1 ms against NCHW's 42.7, and folding
+    BatchNorm adds about 390 small ops to a step, each a kernel launch (docs/gpu.md)."""
     return device.type != "cuda" if value == "auto" else bool(value)
 
 

@@ -67,8 +67,12 @@ DEFAULTS: dict[str, Any] = {
         "freeze_bn": True,  # BatchNorm gamma, beta and running statistics frozen (MLRC)
         "backbone_kwargs": {},  # keyword arguments of the backbone, e.g. {in_channels: 3} for tiny_cnn
         # weights and images in channels_last (NHWC) memory: the same model, another speed; auto: true on a CPU
-        # (faster there), false on CUDA (slower there: docs/gpu.md) (build.channels_last)
+        # (faster there), false on CUDA (slower there: docs/gpu.md) (build.on_cpu)
         "channels_last": "auto",
+        # BN-Inception's frozen BatchNorms folded into their convs: the same model, another speed (fewer passes
+        # over the activations, more small ops); auto: true on a CPU (faster there), false on CUDA (each op is a
+        # launch there: docs/gpu.md) (build.on_cpu)
+        "fold_bn": "auto",
     },
     "loss": {
         "name": "ms",  # c1 | c2 | triplet | ms (losses.LOSSES)
@@ -122,7 +126,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys whose default is null, with the type they take otherwise.
 NULLABLE = {"resume": str, "fold": int, "model.pretrained": str}
 # Keys whose default is "auto" (resolved per device or machine by build.py), with the type they take otherwise.
-AUTO = {"model.channels_last": bool, "data.num_workers": int}
+AUTO = {"model.channels_last": bool, "model.fold_bn": bool, "data.num_workers": int}
 # Keys that hold keyword arguments of a function chosen by another key: checked against its signature.
 KWARGS_KEYS = ("loss.params", "baseline.params", "model.backbone_kwargs")
 KWARGS_LEAVES = {key.rsplit(".", 1)[1] for key in KWARGS_KEYS}

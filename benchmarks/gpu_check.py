@@ -21,7 +21,9 @@ small JPEGs) and a BN-Inception weight file (model.BNInception().state_dict(), `
    JPEGs, so decoding costs what a photo costs): ms per train.train_step for plain MS and MS-CCP
    (BN-Inception, batch 32 = 8 x 4, 227 x 227, random images, no loading timed; the proxies of
    fold 0's 8,489 training classes x 4, the table a fold model trains: 16.6 MiB as in PAPER.md §8),
-   the host reads of a step (HostReads: each makes the host wait for the GPU), peak CUDA memory of
+   MS-CCP again with the other choice of each per-device default (model.channels_last, model.fold_bn),
+   the network's forward and backward alone; the ops and host reads of a step (StepCounter: each op
+   about a kernel launch, each read makes the host wait for the GPU), peak CUDA memory of
    each (on a CPU: the bytes of the tensors kept between steps); greedy
    k-center at SOP scale (selection.select_proxies on 11,318 x 7 candidates, on the host as in
    training); one validation pass over the fold's 14,885 validation images; images/s the training
@@ -103,8 +105,9 @@ class Scale:
 
 
 SOP_TRAIN_CLASSES = data.EXPECTED_COUNTS["sop"]["train"][1]  # 11,318
-FULL = Scale(name="full", train_classes=2000, test_classes=500, jpeg_size=(64, 80), crop=227, resize=256,
-             backbone="bninception", eval_every=75, listing=None, photos=256, speed_crop=227, speed_resize=256,
+# sized for the full check to end within 6 minutes on an H200 (issue 20; the estimate is in docs/gpu.md)
+FULL = Scale(name="full", train_classes=400, test_classes=100, jpeg_size=(64, 80), crop=227, resize=256,
+             backbone="bninception", eval_every=25, listing=None, photos=256, speed_crop=227, speed_resize=256,
              warmup_steps=3, timed_steps=20, loader_batches=40, reselection_classes=SOP_TRAIN_CLASSES)
 QUICK = Scale(name="quick", train_classes=24, test_classes=8, jpeg_size=(20, 24), crop=16, resize=20,
               backbone="tiny_cnn", eval_every=3, listing={"train": (240, 48), "test": (96, 24)}, photos=8,
@@ -401,9 +404,11 @@ def step_variant(config: str, overrides: list[str], run_dir: Path, log: Path, wa
     return v
 
 
-class HostReads(TorchDispatchMode):
-    """Counts what makes the host wait for a GPU's queue to drain: a value read on the host (.item(),
-    float(), bool(), .tolist(), .numpy()) and a result whose shape depends on values (nonzero,
+class StepCounter(TorchDispatchMode):
+    """Counts, in what runs inside it, the operations that do work (`ops`: every dispatched operation but
+    views, about one GPU kernel launch each, which costs the host microseconds) and the host reads
+    (`host_reads`: what makes the host wait for a GPU's queue to drain: a value read on the host, .item(),
+    float(), bool(), .tolist(), .numpy(), or a result whose shape depends on values, nonzero,
     masked_select, unique, indexing with a boolean mask). On a CPU nothing waits, but the same places
     are counted."""
 
@@ -411,20 +416,21 @@ class HostReads(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.ops = self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         masked = func.__name__.split(".")[0] in ("index", "index_put", "index_put_") and any(
             index is not None and index.dtype == torch.bool for index in args[1])
-        self.count += masked or any(op in func.__name__ for op in self.WAITING_OPS)
+        self.host_reads += masked or any(op in func.__name__ for op in self.WAITING_OPS)
+        self.ops += not func.is_view
         return func(*args, **(kwargs or {}))
 
-    def __enter__(self) -> HostReads:
+    def __enter__(self) -> StepCounter:
         # .tolist() and .numpy() of a CPU tensor read its memory without dispatching an operation
         self.patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
         for name, method in self.patched.items():
             def counted(tensor, *args, _method=method, **kwargs):
-                self.count += tensor.device.type == "cpu"  # a device tensor's copy to the host is dispatched
+                self.host_reads += tensor.device.type == "cpu"  # a device tensor's copy to the host is dispatched
                 return _method(tensor, *args, **kwargs)
             setattr(torch.Tensor, name, counted)
         return super().__enter__()
@@ -435,12 +441,12 @@ class HostReads(TorchDispatchMode):
         super().__exit__(*exc)
 
 
-def host_reads(v: dict) -> int:
-    """Host reads in one training step of a variant (HostReads)."""
+def step_counts(v: dict) -> dict:
+    """Operations and host reads in one training step of a variant (StepCounter)."""
     r = v["run"]
-    with HostReads() as reads:
+    with StepCounter() as counter:
         train.train_step(r.network, r.compute_loss, r.optimizer, v["inputs"], v["labels"], v["pull"])
-    return reads.count
+    return {"ops": counter.ops, "host_reads": counter.host_reads}
 
 
 def timed_step(v: dict) -> float:
@@ -452,21 +458,37 @@ def timed_step(v: dict) -> float:
     return time.perf_counter() - start
 
 
+def timed_network(v: dict) -> float:
+    """The network's forward and backward alone on the step's batch: the floor under a step."""
+    network = v["run"].network
+    synchronize(v["run"].device)
+    start = time.perf_counter()
+    network(v["inputs"]).sum().backward()
+    synchronize(v["run"].device)
+    network.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def measure_steps(variants: dict[str, dict], scale: Scale) -> dict:
-    """Timed steps alternating between the variants, so that machine noise hits them alike."""
+    """Timed steps alternating between the variants (and plain's network alone), so that machine noise
+    hits them alike."""
+    network_times = []
     for _ in range(scale.timed_steps):
         for v in variants.values():
             v["times"].append(timed_step(v))
+        network_times.append(timed_network(variants["plain"]))
     figures = {name: {"median_ms": 1000 * statistics.median(v["times"]), "min_ms": 1000 * min(v["times"]),
-                      "state_bytes": v["state_bytes"], "peak_bytes": v["peak_bytes"], "host_reads": host_reads(v)}
+                      "state_bytes": v["state_bytes"], "peak_bytes": v["peak_bytes"], **step_counts(v)}
                for name, v in variants.items()}
+    figures["network_ms"] = 1000 * statistics.median(network_times)
     r = variants["ccp"]["run"]
     proxies = r.objective.proxies.weight
     figures["ccp_over_plain"] = figures["ccp"]["median_ms"] / figures["plain"]["median_ms"]
-    # the default layout (model.channels_last: auto) is "ccp"; the other one was measured beside it
-    figures["ccp_layout"] = "channels_last" if r.network.channels_last else "NCHW"
-    figures["channels_last_over_nchw"] = (figures.get("ccp_channels_last", figures["ccp"])["median_ms"]
-                                          / figures.get("ccp_nchw", figures["ccp"])["median_ms"])
+    # the defaults (model.channels_last, model.fold_bn: auto) are "ccp"; the other choice of each was measured beside
+    cl, nchw = (figures.get(name, figures["ccp"])["median_ms"] for name in ("ccp_channels_last", "ccp_nchw"))
+    folded, unfolded = (figures.get(name, figures["ccp"])["median_ms"] for name in ("ccp_folded", "ccp_unfolded"))
+    figures.update(channels_last_over_nchw=cl / nchw, unfolded_over_folded=unfolded / folded,
+                   ccp_layout="channels_last" if r.network.channels_last else "NCHW", ccp_fold_bn=r.network.backbone.fold_bn)
     figures["proxies"] = list(proxies.shape)
     figures["anchor_bytes"] = sum(a.numel() * a.element_size() for a in r.ccp.anchor.anchors)
     figures["proxy_bytes"] = proxies.numel() * proxies.element_size()
@@ -558,15 +580,16 @@ def speed_overrides(scale: Scale, listing: Path, weights: Path, device: str) -> 
 
 def measure_speed(scale: Scale, listing: Path, weights: Path, device: str, workdir: Path) -> dict:
     overrides, log = speed_overrides(scale, listing, weights, device), workdir / "speed.log"
-    other = ("ccp_nchw", ["model.channels_last=false"]) if build.channels_last("auto", build.resolve_device(device)) \
-        else ("ccp_channels_last", ["model.channels_last=true"])
+    on_cpu = build.on_cpu("auto", build.resolve_device(device))  # what auto chooses for both keys here
+    layout = ("ccp_nchw", "model.channels_last=false") if on_cpu else ("ccp_channels_last", "model.channels_last=true")
+    fold = ("ccp_unfolded", "model.fold_bn=false") if on_cpu else ("ccp_folded", "model.fold_bn=true")
     with warnings.catch_warnings():  # the config's workers, whatever the cores, is what is measured: no warning
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        # the default layout (model.channels_last: auto) against the other, to check it is the faster one here
+        # each default (model.channels_last and model.fold_bn: auto) against the other choice: the faster one here?
         variants = {name: step_variant(METHOD_CONFIGS[method], overrides + extra, workdir / f"speed_{name}", log,
                                        scale.warmup_steps)
                     for name, method, extra in (("plain", "baseline", []), ("ccp", "ccp", []),
-                                                (other[0], "ccp", other[1]))}
+                                                (layout[0], "ccp", [layout[1]]), (fold[0], "ccp", [fold[1]]))}
         steps = measure_steps(variants, scale)
         figures = {"step": steps, "reselection": measure_reselection(variants["ccp"]["cfg"], scale.reselection_classes),
                    "validation": measure_validation(variants["ccp"]),
@@ -734,15 +757,19 @@ def format_report(report: dict) -> str:
         lines.append(f"3. speed and memory: BN-Inception, batch {s['batch']}, {s['image_size']} x {s['image_size']}, "
                      f"{s['proxies'][0]} proxies of dimension {s['proxies'][1]}")
         for name, label in (("plain", "plain MS"), ("ccp", "MS-CCP"), ("ccp_nchw", "MS-CCP, NCHW"),
-                            ("ccp_channels_last", "MS-CCP, NHWC")):
+                            ("ccp_channels_last", "MS-CCP, NHWC"), ("ccp_unfolded", "MS-CCP, BN unfolded"),
+                            ("ccp_folded", "MS-CCP, BN folded")):
             if name not in s:
                 continue
             f = s[name]
-            lines.append(f"   {label:<12} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
+            lines.append(f"   {label:<19} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
                          f"{mib(f['peak_bytes'])}, state kept between steps {mib(f['state_bytes'])}, "
-                         f"{f['host_reads']} host reads a step")
+                         f"{f['ops']} ops and {f['host_reads']} host reads a step")
+        lines.append(f"   the network's forward and backward alone (plain's, on the same batch): {s['network_ms']:.1f} ms")
         lines.append(f"   layout: channels_last / NCHW: {s['channels_last_over_nchw']:.3f} (the default here, "
-                     f"model.channels_last: auto, is {s['ccp_layout']})")
+                     f"model.channels_last: auto, is {s['ccp_layout']}); BatchNorm unfolded / folded: "
+                     f"{s['unfolded_over_folded']:.3f} (the default here, model.fold_bn: auto, is "
+                     f"{'folded' if s['ccp_fold_bn'] else 'unfolded'})")
         extra = s["ccp"]["state_bytes"] - s["plain"]["state_bytes"]
         lines.append(f"   MS-CCP / plain: {s['ccp_over_plain']:.3f}; extra state {mib(extra)} = theta_anchor "
                      f"{mib(s['anchor_bytes'])} + 4 x proxies {mib(s['proxy_bytes'])} (values, gradient, Adam's two "

@@ -117,6 +117,8 @@ ACCEPTED = [  # the smallest (or largest) valid values, and valid combinations: 
     (["model.channels_last=auto"], "model.channels_last", "auto"),
     (["model.channels_last=true"], "model.channels_last", True),
     (["model.channels_last=false"], "model.channels_last", False),
+    (["model.fold_bn=auto"], "model.fold_bn", "auto"),
+    (["model.fold_bn=false"], "model.fold_bn", False),
     (["evaluation.recall_ks=[1]"], "evaluation.recall_ks", [1]),
     (["seed=0"], "seed", 0),
     ([f"seed={2**32 - 1}"], "seed", 2**32 - 1),
@@ -255,6 +257,7 @@ def test_float_written_without_a_dot_is_read_as_a_float(tmp_path):
     # the keys that take auto besides their type
     ("model.channels_last=sometimes", "config key model.channels_last: expected bool or auto, got 'sometimes' (str)"),
     ("model.channels_last=1", "config key model.channels_last: expected bool or auto, got 1 (int)"),
+    ("model.fold_bn=yes please", "config key model.fold_bn: expected bool or auto, got 'yes please' (str)"),
     ("data.num_workers=sometimes", "config key data.num_workers: expected int or auto, got 'sometimes' (str)"),
     ("data.num_workers=true", "config key data.num_workers: expected int or auto, got True (bool)"),
 ])

@@ -68,12 +68,18 @@ def test_quick_check_reports_speed_memory_and_projection(quick_report):
     # (theta_anchor) and the proxies four times (values, gradient, Adam's m and v) plus their int64 labels
     trainable = sum(p.numel() * 4 for p in model.build_model("bninception", 128).parameters() if p.requires_grad)
     assert step["ccp"]["state_bytes"] - step["plain"]["state_bytes"] == trainable + 4 * rows * dim * 4 + rows * 8
-    assert step["ccp_nchw"]["state_bytes"] == step["ccp"]["state_bytes"]  # a layout, not a model
+    for other in ("ccp_nchw", "ccp_unfolded"):
+        assert step[other]["state_bytes"] == step["ccp"]["state_bytes"]  # a layout, a path: not a model
+    # unfolded, each BatchNorm is one op forward and one backward where folding it into its conv takes more
+    assert step["ccp_unfolded"]["ops"] < step["ccp"]["ops"]
     assert step["batch"] == 32 and dim == 128
-    for variant in ("plain", "ccp", "ccp_nchw"):
+    for variant in ("plain", "ccp", "ccp_nchw", "ccp_unfolded"):
         assert 0 < step[variant]["min_ms"] <= step[variant]["median_ms"]
         assert step[variant]["host_reads"] >= 1  # at least train_step's NaN guard reads the loss
+        assert step[variant]["ops"] > 100  # a network's forward and backward, the loss, Adam
     assert step["channels_last_over_nchw"] == step["ccp"]["median_ms"] / step["ccp_nchw"]["median_ms"]
+    assert step["unfolded_over_folded"] == step["ccp_unfolded"]["median_ms"] / step["ccp"]["median_ms"]
+    assert step["network_ms"] > 0
     assert report["speed"]["reselection"]["classes"] == 200 and report["speed"]["reselection"]["pool_size"] == 7
     assert report["speed"]["validation"]["images"] > 0 and report["speed"]["loader"]["workers"] == 0
     once = report["speed"]["validation"]["decoded_once"]  # uint8 crops of the speed section's 64 x 64
@@ -172,15 +178,18 @@ def test_generated_layout_reads_as_sop(tmp_path):
             assert train_split[0][0].size == (24, 20)  # (width, height) of the default JPEG size
 
 
-def test_host_reads_counts_what_waits_for_the_device():
+def test_step_counter_counts_host_reads_and_operations_that_do_work():
     x = torch.arange(6.0)
-    with gpu_check.HostReads() as reads:
+    with gpu_check.StepCounter() as counter:
         x.sum().item(), bool(x[0] > 1), x.tolist(), x.numpy(), torch.nonzero(x), x[x > 2], torch.unique(x)
         y = x.clone()
         y[y > 3] = 0.0
         (x * 2 + 1).sum(), x[1:3], x[torch.tensor([0, 2])], x.abs()  # none of these waits
-    assert reads.count == 8  # item, bool, tolist, numpy, nonzero, a mask read, unique, a mask written
+    assert counter.host_reads == 8  # item, bool, tolist, numpy, nonzero, a mask read, unique, a mask written
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # .tolist is restored on exit
+    with gpu_check.StepCounter() as counter:
+        x.sum(), x[1:3], x.view(2, 3), x.t(), (x * 2 + 1).exp(), x.detach()
+    assert counter.ops == 4 and counter.host_reads == 0  # sum, mul, add, exp; four views
 
 
 def test_projection_follows_its_stated_model():

@@ -267,8 +267,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
 @pytest.mark.parametrize("value, device, expected", [
     ("auto", "cpu", True), ("auto", "cuda", False), ("auto", "cuda:1", False),
     (True, "cuda", True), (False, "cpu", False), (True, "cpu", True), (False, "cuda", False)])
-def test_channels_last_auto_is_true_on_a_cpu_and_false_on_cuda(value, device, expected):
-    assert build.channels_last(value, torch.device(device)) is expected  # a device object, no GPU needed
+def test_channels_last_and_fold_bn_auto_are_true_on_a_cpu_and_false_on_cuda(value, device, expected):
+    assert build.on_cpu(value, torch.device(device)) is expected  # a device object, no GPU needed
 
 
 @pytest.mark.parametrize("cores, processes, expected", [
@@ -287,20 +287,39 @@ def test_auto_loader_workers_share_the_cores_among_the_processes(monkeypatch, co
 
 
 def test_a_checkpoint_records_its_layout_and_eval_only_rebuilds_it(digits_run, tmp_path, monkeypatch):
-    """Trained on the CPU with model.channels_last: auto, the checkpoint says channels_last; eval_only
-    follows the checkpoint, not what auto would resolve to on the evaluating device."""
-    assert train.load_config(DIGITS)["model"]["channels_last"] == "auto"
+    """Trained on the CPU with model.channels_last and model.fold_bn: auto, the checkpoint says channels_last
+    and folded; eval_only follows the checkpoint, not what auto would resolve to on the evaluating device."""
+    assert train.load_config(DIGITS)["model"]["channels_last"] == train.load_config(DIGITS)["model"]["fold_bn"] == "auto"
     for name in ("best.pt", "last.pt"):
-        assert torch.load(digits_run / name, weights_only=True)["channels_last"] is True
+        state = torch.load(digits_run / name, weights_only=True)
+        assert state["channels_last"] is True and state["fold_bn"] is True
     segment = json.loads((digits_run / "segments.jsonl").read_text().splitlines()[0])
-    assert segment["resolved"] == {"model.channels_last": True, "data.num_workers": 0}
+    assert segment["resolved"] == {"model.channels_last": True, "model.fold_bn": True, "data.num_workers": 0}
     built, build_model = [], model.build_model
-    monkeypatch.setattr(model, "build_model", lambda *a, **k: built.append(k["channels_last"]) or build_model(*a, **k))
-    monkeypatch.setattr(train.build, "channels_last", lambda value, device: False)  # as on CUDA
+    monkeypatch.setattr(model, "build_model",
+                        lambda *a, **k: built.append((k["channels_last"], k["fold_bn"])) or build_model(*a, **k))
+    monkeypatch.setattr(train.build, "on_cpu", lambda value, device: False)  # as on CUDA
     cfg = train.load_config(DIGITS, [f"run_dir={tmp_path / 'eval'}", "eval_only=true",
                                      f"resume={digits_run / 'best.pt'}"])
     train.evaluate_checkpoint(cfg)
-    assert built == [True]
+    assert built == [(True, True)]
+
+
+@pytest.mark.parametrize("recorded, expected", [({"fold_bn": False}, False), ({"fold_bn": True}, True),
+                                                ({}, True)])  # before model.fold_bn every checkpoint folded
+def test_a_saved_bninception_is_rebuilt_with_the_batchnorm_path_it_trained_in(recorded, expected):
+    cfg = train.load_config(DIGITS, ["model.backbone=bninception", "model.pretrained=null",
+                                     "model.backbone_kwargs={}", "model.fold_bn=false"])  # the config does not decide
+    state = {"config": cfg, "model": model.build_model("bninception", cfg["model"]["embedding_dim"]).state_dict(),
+             "channels_last": False, **recorded}
+    assert build.saved_network(state, torch.device("cpu")).backbone.fold_bn is expected
+
+
+@pytest.mark.parametrize("value, expected", [("auto", True), (False, False)])
+def test_model_fold_bn_chooses_bninception_s_batchnorm_path(value, expected):
+    cfg = train.load_config(DIGITS, ["model.backbone=bninception", "model.pretrained=null", "model.backbone_kwargs={}",
+                                     f"model.fold_bn={str(value).lower()}"])
+    assert build.build_network(cfg, 0, torch.device("cpu")).backbone.fold_bn is expected
 
 
 def test_eval_only_reproduces_the_final_test_metrics(digits_run, tmp_path):
