@@ -799,6 +799,9 @@ def format_report(report: dict) -> str:
             low, high = p["hours"]
             lines.append(f"   python train.py {config}: {low:.1f} to {high:.1f} h ({p['folds']} folds x "
                          f"{p['repeats']} repeats x {p['steps_per_model']} steps; {p['assumption']})")
+            if p["repeats"] > 1:  # repeats=1: each fold model once
+                lines.append(f"      one repeat ({p['folds']} fold models, repeats=1): {low / p['repeats']:.1f} to "
+                             f"{high / p['repeats']:.1f} h")
             lines.append(f"      per fold model: step {1000 * p['step_s']:.0f} ms, {p['validations_per_model']} "
                          f"validations of {p['validation_s']:.1f} s, {p['reselections_per_model'][0]} to "
                          f"{p['reselections_per_model'][1]} re-selections of {p['reselection_embed_s']:.1f} s "
