@@ -430,7 +430,8 @@ def _check_arguments(backbone: str, embedding_dim: int, pooling: str, kwargs: di
 
 def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.PathLike | None = None,
                 pooling: str = "avg", freeze_bn: bool = True, seed: int = 0,
-                backbone_kwargs: dict | None = None, channels_last: bool = False, fold_bn: bool = True) -> EmbeddingModel:
+                backbone_kwargs: dict | None = None, channels_last: bool = False,
+                fold_bn: bool = True) -> EmbeddingModel:
     """The embedding model of PAPER.md §7: a pure function of its arguments (and the weight file).
 
     `pretrained`: None (initialised from `seed`), a weight file, or a known name ("imagenet" for
@@ -439,7 +440,9 @@ def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.Pa
     `channels_last`: weights and input in channels_last memory (faster on CPU; the state_dict is the same).
     `fold_bn`: BN-Inception's fast path (BNInception; the other backbones have none).
     """
-    kwargs = dict(backbone_kwargs or {}, **({"fold_bn": fold_bn} if backbone == "bninception" else {}))
+    kwargs = dict(backbone_kwargs or {})
+    if backbone == "bninception":
+        kwargs["fold_bn"] = fold_bn
     _check_arguments(backbone, embedding_dim, pooling, kwargs)
     with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG state is left untouched
         torch.default_generator.manual_seed(seed)

@@ -55,7 +55,7 @@ class ProximalAnchor:
             else:
                 grads.append((p.grad, pull))
         if grads:
-            torch._foreach_add_(*map(list, zip(*grads)))
+            torch._foreach_add_([g for g, _ in grads], [q for _, q in grads])
 
     def state_dict(self) -> dict:
         """The anchor tensors themselves (references, as nn.Module.state_dict returns)."""

@@ -488,7 +488,8 @@ def measure_steps(variants: dict[str, dict], scale: Scale) -> dict:
     cl, nchw = (figures.get(name, figures["ccp"])["median_ms"] for name in ("ccp_channels_last", "ccp_nchw"))
     folded, unfolded = (figures.get(name, figures["ccp"])["median_ms"] for name in ("ccp_folded", "ccp_unfolded"))
     figures.update(channels_last_over_nchw=cl / nchw, unfolded_over_folded=unfolded / folded,
-                   ccp_layout="channels_last" if r.network.channels_last else "NCHW", ccp_fold_bn=r.network.backbone.fold_bn)
+                   ccp_layout="channels_last" if r.network.channels_last else "NCHW",
+                   ccp_fold_bn=r.network.backbone.fold_bn)
     figures["proxies"] = list(proxies.shape)
     figures["anchor_bytes"] = sum(a.numel() * a.element_size() for a in r.ccp.anchor.anchors)
     figures["proxy_bytes"] = proxies.numel() * proxies.element_size()
@@ -765,7 +766,7 @@ def format_report(report: dict) -> str:
             lines.append(f"   {label:<19} {f['median_ms']:9.1f} ms/step median ({f['min_ms']:.1f} min), peak "
                          f"{mib(f['peak_bytes'])}, state kept between steps {mib(f['state_bytes'])}, "
                          f"{f['ops']} ops and {f['host_reads']} host reads a step")
-        lines.append(f"   the network's forward and backward alone (plain's, on the same batch): {s['network_ms']:.1f} ms")
+        lines.append(f"   the network's forward and backward alone (plain's, same batch): {s['network_ms']:.1f} ms")
         lines.append(f"   layout: channels_last / NCHW: {s['channels_last_over_nchw']:.3f} (the default here, "
                      f"model.channels_last: auto, is {s['ccp_layout']}); BatchNorm unfolded / folded: "
                      f"{s['unfolded_over_folded']:.3f} (the default here, model.fold_bn: auto, is "

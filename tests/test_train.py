@@ -289,7 +289,8 @@ def test_auto_loader_workers_share_the_cores_among_the_processes(monkeypatch, co
 def test_a_checkpoint_records_its_layout_and_eval_only_rebuilds_it(digits_run, tmp_path, monkeypatch):
     """Trained on the CPU with model.channels_last and model.fold_bn: auto, the checkpoint says channels_last
     and folded; eval_only follows the checkpoint, not what auto would resolve to on the evaluating device."""
-    assert train.load_config(DIGITS)["model"]["channels_last"] == train.load_config(DIGITS)["model"]["fold_bn"] == "auto"
+    mc = train.load_config(DIGITS)["model"]
+    assert mc["channels_last"] == mc["fold_bn"] == "auto"
     for name in ("best.pt", "last.pt"):
         state = torch.load(digits_run / name, weights_only=True)
         assert state["channels_last"] is True and state["fold_bn"] is True
