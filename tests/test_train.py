@@ -152,6 +152,25 @@ def test_update_order_matches_the_authors(tmp_path):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_train_step_queues_backward_and_the_pull_before_it_reads_the_loss(monkeypatch):
+    """The one host read of a step comes after everything but the update is queued (a GPU keeps busy),
+    and a non-finite loss still stops the step before any weight changes."""
+    events, item = [], torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("read") or item(t))
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    weights = [p.detach().clone() for p in net.parameters()]
+    train.train_step(net, lambda e, lab: e.sum(), opt, torch.randn(4, 3), torch.zeros(4), lambda: events.append("pull"))
+    assert events == ["pull", "read"]
+    assert not any(torch.equal(p, w) for p, w in zip(net.parameters(), weights))  # the step updated
+    weights = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(train.NonFiniteError, match="loss is nan"):
+        train.train_step(net, lambda e, lab: e.sum() * math.nan, opt, torch.randn(4, 3), torch.zeros(4),
+                         lambda: events.append("pull"))
+    assert events == ["pull", "read", "pull", "read"]
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))  # this one did not
+
+
 def test_digits_run_converges_instances_and_reselects_proxies(digits_run):
     log = read_log(digits_run / "metrics.jsonl")
     evaluations = [r for r in log if "val" in r]
