@@ -10,6 +10,7 @@ The four losses use their inputs as given (the caller applies n); the baselines 
 draws from the `generator` passed in. Inputs are checked once, where a user passes them in (public
 functions, constructors, forward); bad input raises a one-line ValueError "<where>: expected …, got …".
 """
+import functools
 import inspect
 import math
 from typing import Callable, Optional
@@ -91,11 +92,28 @@ def _log1p_sum_exp(logits: Tensor, exclude: Tensor) -> Tensor:
     return torch.logaddexp(lse, lse.new_zeros(()))
 
 
+def _checked(formula: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A loss as users call it: its inputs checked (_check_pair_inputs), then `formula`. CCPLoss and
+    CrossBatchMemory check their inputs once where they enter and call `loss.formula` itself."""
+    @functools.wraps(formula)
+    def loss(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None, *params,
+             **named) -> Tensor:
+        _check_pair_inputs(formula.__name__, x, y, ref, ref_y)
+        return formula(x, y, ref, ref_y, *params, **named)
+    loss.formula = formula
+    return loss
+
+
+def _formula(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    # a loss of LOSSES without its input checks (the caller checked); any other callable as it is
+    return getattr(loss_fn, "formula", loss_fn)
+
+
+@_checked
 def c1_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    margin: float = 0.5) -> Tensor:
     """C1 contrastive (Hadsell et al., XBM variant) on similarities s, PAPER.md §4."""
     # (1/|A|) Σ_anchors [Σ_pos (1 − s) + Σ_neg [s − margin]₊]
-    _check_pair_inputs("c1_contrastive", x, y, ref, ref_y)
     ref, same, index, valid = _pairs(x, y, ref, ref_y)
     s = pairwise_similarity(x, ref)
     pull = torch.where(valid, 1 - s.gather(1, index), 0.0)  # 1 − s over the positive pairs (slots)
@@ -103,11 +121,11 @@ def c1_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Op
     return (pull.sum(dim=1) + push.sum(dim=1)).mean()
 
 
+@_checked
 def c2_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                    pos_margin: float = 0.0, neg_margin: float = 0.5) -> Tensor:
     """C2 contrastive with a positive margin (Wu et al.) on distances d, PAPER.md §4."""
     # mean_nonzero over positive pairs of [d − m⁺]₊ + mean_nonzero over negative pairs of [m⁻ − d]₊
-    _check_pair_inputs("c2_contrastive", x, y, ref, ref_y)
     ref, same, index, valid = _pairs(x, y, ref, ref_y)
     d = pairwise_distance(x, ref)
     pull = torch.where(valid, F.relu(d.gather(1, index) - pos_margin), 0.0)  # [d − m⁺]₊, positive pairs (slots)
@@ -115,11 +133,11 @@ def c2_contrastive(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Op
     return _mean_nonzero(pull) + _mean_nonzero(push)
 
 
+@_checked
 def triplet(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
             margin: float = 0.1) -> Tensor:
     """Triplet loss (Schroff et al.) over every valid (anchor, positive, negative), PAPER.md §4."""
     # mean_nonzero over triplets (a, p, n) of [d(a, p) − d(a, n) + m]₊
-    _check_pair_inputs("triplet", x, y, ref, ref_y)
     ref, same, index, valid = _pairs(x, y, ref, ref_y)
     d = pairwise_distance(x, ref)
     # masks on the (n, P) and (n, m) factors, not the (n, P, m) product: an empty slot or a reference
@@ -130,12 +148,12 @@ def triplet(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[
     return _mean_nonzero(hinge)
 
 
+@_checked
 def multi_similarity(x: Tensor, y: Tensor, ref: Optional[Tensor] = None, ref_y: Optional[Tensor] = None,
                      alpha: float = 2.0, beta: float = 40.0, base: float = 0.5) -> Tensor:
     """Multi-similarity loss (Wang et al.) on similarities s, without pair mining, PAPER.md §4."""
     # mean over anchors of (1/α)·log(1 + Σ_pos e^{−α(s − λ)}) + (1/β)·log(1 + Σ_neg e^{β(s − λ)}), λ = base
     _check_positive("multi_similarity", alpha=alpha, beta=beta)
-    _check_pair_inputs("multi_similarity", x, y, ref, ref_y)
     ref, same, index, valid = _pairs(x, y, ref, ref_y)
     s = pairwise_similarity(x, ref)
     pull = _log1p_sum_exp(-alpha * (s.gather(1, index) - base), ~valid) / alpha  # positive pairs (slots)
@@ -210,11 +228,10 @@ class CCPLoss(nn.Module):
 
     def terms(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The unweighted pair term and proxy term, for logging."""
-        z = self.normalize(embeddings)
-        pair = self.loss_fn(z, labels, **self.loss_params)
-        _check_label_range("CCPLoss", labels, self.proxies.num_classes)  # the pair term checked their type
-        proxy = self.loss_fn(z, labels, self.normalize(self.proxies.weight), self.proxies.labels,
-                             **self.loss_params)
+        _check_batch("CCPLoss", embeddings, labels, self.proxies.weight, "the proxies", self.proxies.num_classes)
+        loss, z = _formula(self.loss_fn), self.normalize(embeddings)  # checked once, above
+        pair = loss(z, labels, **self.loss_params)
+        proxy = loss(z, labels, self.normalize(self.proxies.weight), self.proxies.labels, **self.loss_params)
         return pair, proxy
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -400,7 +417,7 @@ class CrossBatchMemory(nn.Module):
             memory, memory_labels = self.memory[:filled], self.memory_labels[:filled]
             if not self.include_batch:  # copies: the enqueue below overwrites rows that backward still needs
                 memory, memory_labels = memory.clone(), memory_labels.clone()
-            loss = self.loss_fn(z, labels, memory, memory_labels, **self.loss_params)
+            loss = _formula(self.loss_fn)(z, labels, memory, memory_labels, **self.loss_params)  # checked above
         if not self.include_batch:
             self._push(z.detach(), labels)
         return loss
@@ -464,17 +481,16 @@ def _check_batch(where: str, x: Tensor, y: Tensor, like: Optional[Tensor] = None
     if like is not None:
         _expect(where, x.shape[1:] == like.shape[1:] and x.dtype == like.dtype and x.device == like.device,
                 f"{name} in the dimension, dtype and device of {like_name} ({_describe(like)})", x)
-    if not torch.isfinite(x.sum()):  # one reduction, one read on the host; the rows only when it fails
+    # one read on the host: the sum of x (not finite where a row is not) and, when checked, the label range
+    scalars = (x.sum(), *(torch.aminmax(y) if num_classes is not None else ()))
+    total, *label_range = torch.stack([v.double() for v in scalars]).tolist()
+    if not math.isfinite(total):
         finite = torch.isfinite(x).all(dim=1)  # (a sum of finite rows may merely overflow)
         _expect(where, bool(finite.all()), f"finite {name}", f"{int((~finite).sum())} row(s) of {len(x)} "
                 f"with NaN or inf (first: row {int(finite.int().argmin())})")
     if num_classes is not None:
-        _check_label_range(where, y, num_classes)
-
-
-def _check_label_range(where: str, labels: Tensor, num_classes: int) -> None:
-    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read on the host
-    _expect(where, 0 <= low and high < num_classes, f"labels in [0, {num_classes})", f"values from {low} to {high}")
+        low, high = map(int, label_range)
+        _expect(where, 0 <= low and high < num_classes, f"labels in [0, {num_classes})", f"values from {low} to {high}")
 
 
 def _check_pair_inputs(where: str, x: Tensor, y: Tensor, ref: Optional[Tensor], ref_y: Optional[Tensor]) -> None:
