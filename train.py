@@ -346,8 +346,6 @@ def test_metrics(cfg: dict, embedded: dict[str, tuple]) -> dict[str, float]:
     return metrics
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # The protocol: folds, 512-D ensemble, repeats (PAPER.md §7), and evaluating a checkpoint.
 

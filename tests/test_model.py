@@ -64,7 +64,6 @@ def _random_batchnorm_(net, seed):
     return net
 
 
-
 # ------------------------------------------------------------------------------------------- BN-Inception
 
 def test_bninception_state_dict_equals_the_port_without_classifier(port_shapes, bninception):
