@@ -529,6 +529,7 @@ class _LipschitzNormalizeFast(torch.autograd.Function):
         return x * scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a 2nd derivative would take scale as constant: refused
     def backward(ctx, grad: Tensor) -> Tensor:
         x, scale, outside = ctx.saved_tensors
         # outside the ball the Jacobian is (I − x̂x̂ᵀ)/‖x‖: g/‖x‖ − x·⟨x, g⟩/‖x‖³; inside it is g

@@ -99,9 +99,9 @@ class KerasAdam(torch.optim.Optimizer):
         where = f"KerasAdam param group {len(self.param_groups)}"
         unknown = sorted(set(param_group) - GROUP_KEYS)
         _expect(where, not unknown, f"keys among {sorted(GROUP_KEYS)}", f"the unknown keys {unknown}")
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group = {**self.defaults, **param_group}  # checked before it joins: a refused group is not kept
         _check_hyperparameters(where, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

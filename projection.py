@@ -87,10 +87,11 @@ class AlternatingProjections:
 
     def __init__(self, lam: float, decay: float = 1.0, instance_patience: int = 3, min_evaluations: int = 1,
                  min_delta: float = 1e-5):
-        if lam < 0 or decay < 0 or min_delta < 0 or instance_patience < 1 or min_evaluations < 1:
-            raise ValueError(f"AlternatingProjections: need lam, decay, min_delta >= 0 and instance_patience, "
-                             f"min_evaluations >= 1, got {lam}, {decay}, {min_delta}, {instance_patience}, "
-                             f"{min_evaluations}")
+        if not (0 <= lam < math.inf and 0 <= decay < math.inf and 0 <= min_delta < math.inf) \
+                or instance_patience < 1 or min_evaluations < 1:
+            raise ValueError(f"AlternatingProjections: need lam, decay, min_delta finite and >= 0 and "
+                             f"instance_patience, min_evaluations >= 1, got {lam}, {decay}, {min_delta}, "
+                             f"{instance_patience}, {min_evaluations}")
         self.base_lam, self.decay, self.min_delta = float(lam), float(decay), float(min_delta)
         self.instance_patience, self.min_evaluations = int(instance_patience), int(min_evaluations)
         self.instance, self.best, self.evaluations, self.stale = 0, -math.inf, 0, 0
@@ -132,8 +133,9 @@ class EarlyStopping:
     """The overall stop of PAPER.md §2: stopped after `patience` evaluations without a new best."""
 
     def __init__(self, patience: int = 60, min_delta: float = 1e-5):
-        if patience < 1 or min_delta < 0:
-            raise ValueError(f"EarlyStopping: need patience >= 1 and min_delta >= 0, got {patience} and {min_delta}")
+        if patience < 1 or not 0 <= min_delta < math.inf:
+            raise ValueError(f"EarlyStopping: need patience >= 1 and min_delta finite and >= 0, got {patience} and "
+                             f"{min_delta}")
         self.patience, self.min_delta = int(patience), float(min_delta)
         self.best, self.stale = -math.inf, 0
 

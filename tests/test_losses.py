@@ -141,6 +141,14 @@ def test_lipschitz_normalize_backward_matches_autograd_of_the_formula():
     assert torch.allclose(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_lipschitz_normalize_refuses_a_second_derivative_it_would_get_wrong():
+    # the hand-written backward is first order only: a Hessian-vector product must fail, not be wrong
+    x = (torch.randn(3, 4, dtype=torch.float64) * 2).requires_grad_()
+    (grad,) = torch.autograd.grad(losses.lipschitz_normalize(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_pairwise_distance_exact_zero_for_duplicates():
     a = unit_ball(6, 128, 0, torch.float32)
     d = losses.pairwise_distance(a, a[[3, 0, 5]])

@@ -282,3 +282,13 @@ def test_invalid_arguments_raise_one_line_naming_the_argument(make, match):
     with pytest.raises(ValueError, match=match) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+def test_a_refused_param_group_is_not_kept():
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = KerasAdam([w], lr=1e-3)
+    with pytest.raises(ValueError, match="param group 1: expected lr"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    (w.sum() + b.sum()).backward()
+    opt.step()
+    assert len(opt.param_groups) == 1 and torch.equal(b.detach(), torch.ones(2))  # b was never added

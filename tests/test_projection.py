@@ -219,15 +219,17 @@ def test_improvement_must_exceed_min_delta_strictly():
 
 
 def test_controllers_reject_bad_input():
-    for bad in ({"lam": -1}, {"lam": 1, "instance_patience": 0}):
-        with pytest.raises(ValueError, match="AlternatingProjections: need lam, decay, min_delta >= 0"):
+    for bad in ({"lam": -1}, {"lam": 1, "instance_patience": 0}, {"lam": math.nan}, {"lam": math.inf},
+                {"lam": 1, "decay": math.nan}, {"lam": 1, "min_delta": math.nan}):
+        with pytest.raises(ValueError, match="AlternatingProjections: need lam, decay, min_delta finite and >= 0"):
             AlternatingProjections(**bad)
     ctl = AlternatingProjections(lam=1)
     with pytest.raises(ValueError, match="finite number, got nan"):
         ctl.update(float("nan"))
     assert ctl.evaluations == 0  # a rejected metric leaves the state alone
-    with pytest.raises(ValueError, match="patience >= 1"):
-        EarlyStopping(patience=0)
+    for bad in ({"patience": 0}, {"min_delta": math.nan}, {"min_delta": -1e-5}):
+        with pytest.raises(ValueError, match="EarlyStopping: need patience >= 1 and min_delta finite and >= 0"):
+            EarlyStopping(**bad)
 
 
 def test_early_stopping_and_its_state_dict():
