@@ -30,7 +30,7 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import scipy.io
@@ -226,13 +226,17 @@ def _locate(root: Path, name: str, markers: Sequence[str], inner: Sequence[str] 
 def _text_rows(path: Path, n_fields: int, skip: int = 0) -> Iterator[tuple[int, list[str]]]:
     """(line number, whitespace-split fields) of each non-empty line after `skip` lines."""
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if number <= skip or not fields:
-                continue
-            if len(fields) != n_fields:
-                raise _bad_line(path, number, f"expected {n_fields} fields, got {line.strip()!r}")
-            yield number, fields
+        try:
+            for number, line in enumerate(handle, start=1):
+                fields = line.split()
+                if number <= skip or not fields:
+                    continue
+                if len(fields) != n_fields:
+                    raise _bad_line(path, number, f"expected {n_fields} fields, got {line.strip()!r}")
+                yield number, fields
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: expected UTF-8 text, got byte {err.object[err.start]:#04x} ({err.reason}); "
+                             f"is the file damaged? extract it again") from None
 
 
 def _int_field(path: Path, number: int, text: str) -> int:
@@ -266,6 +270,8 @@ def _mat_records(path: Path, variable: str, fields: Sequence[str]) -> list[dict]
         records = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)[variable]
     except KeyError:
         raise ValueError(f"{path}: expected a variable {variable!r}") from None
+    except (OSError, ValueError, scipy.io.matlab.MatReadError) as err:  # truncated or not a .mat file at all
+        raise ValueError(f"{path}: not a readable MATLAB file ({err}); is the download complete?") from None
     records = records.ravel() if isinstance(records, np.ndarray) else [records]
     out = []
     for position, record in enumerate(records):
@@ -425,7 +431,7 @@ def read_image_folder(folder: str | os.PathLike) -> FolderListing:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     entries = sorted((entry for entry in os.scandir(folder) if not _skipped(entry.name)), key=lambda e: _nfc(e.name))
-    if any(entry.is_file() and Path(entry.name).suffix.lower() in image_extensions() for entry in entries):
+    if _loose_images(entries):
         return FolderListing(image_files(folder), None, None)
     classes = {}
     for entry in (entry for entry in entries if entry.is_dir()):
@@ -443,6 +449,12 @@ def read_image_folder(folder: str | os.PathLike) -> FolderListing:
     return FolderListing([path for path, _ in labelled], [label for _, label in labelled], names)
 
 
+def _loose_images(entries: Iterable[os.DirEntry]) -> list[str]:
+    """The names of the image files among a folder's entries (not in a subfolder)."""
+    extensions = image_extensions()
+    return [entry.name for entry in entries if entry.is_file() and Path(entry.name).suffix.lower() in extensions]
+
+
 def _read_folder(root: Path, split: str) -> tuple[list[str], list[int], list[str]]:
     """(paths, labels, class names) of `split` of the folder dataset (docs/DATASETS.md, "Your own images").
 
@@ -452,11 +464,12 @@ def _read_folder(root: Path, split: str) -> tuple[list[str], list[int], list[str
     if not root.is_dir():
         raise FileNotFoundError(f"folder: root folder {root} does not exist; set dataset.root to the folder that "
                                 f"holds one folder per class (DIR/<class>/<image>)")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _skipped(entry.name))
+    entries = sorted((entry for entry in os.scandir(root) if not _skipped(entry.name)), key=lambda e: e.name)
+    folders = [entry.name for entry in entries if entry.is_dir()]
     if {"train", "test"} <= set(folders):
-        others = [name for name in folders if name not in ("train", "test")]
+        others = [name + "/" for name in folders if name not in ("train", "test")] + _loose_images(entries)
         if others:
-            raise ValueError(f"folder: {root} holds train/ and test/ beside other folders ({', '.join(others[:3])}): "
+            raise ValueError(f"folder: {root} holds train/ and test/ beside other entries ({', '.join(others[:3])}): "
                              f"give either exactly train/ and test/, each of class folders, or class folders only")
         sides = {side: _class_folders(root / side) for side in ("train", "test")}
         both = sorted(set(sides["train"].class_names) & set(sides["test"].class_names))
@@ -729,7 +742,9 @@ class MPerClassSampler:
                 "refill": self.refill}
 
     def load_state_dict(self, state: dict) -> None:
-        """Adopt seed, order, refill and position from `state`: they define the batches a resumed run continues."""
+        """Adopt seed, order, refill and the last set_epoch(epoch, start) from `state`. The position is the one
+        set_epoch gave, not the batches yielded since (a DataLoader reads ahead): a resumed run calls set_epoch
+        with its own step, which the batches then follow exactly."""
         seed, epoch, start, order, refill = (state[key] for key in ("seed", "epoch", "start", "order", "refill"))
         if seed < 0 or order not in SAMPLER_ORDERS or refill not in QUEUE_REFILLS:
             raise ValueError(f"MPerClassSampler: need seed >= 0, order in {SAMPLER_ORDERS} and refill in "

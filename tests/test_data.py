@@ -4,6 +4,7 @@ import http.server
 import io
 import json
 import math
+import re
 import tarfile
 import threading
 import traceback
@@ -142,16 +143,32 @@ def _malformed_cars(root):
         handle.write("x.jpg,1,2,20,12,197\n")
 
 
+def _non_utf8_cub(root):
+    make_cub(root)
+    with open(root / "CUB_200_2011" / "images.txt", "ab") as handle:
+        handle.write(b"\xff\xfe 9 x.jpg\n")
+
+
+def _truncated_cars(root):
+    make_cars_original(root)
+    whole = (root / "cars_annos.mat").read_bytes()
+    (root / "cars_annos.mat").write_bytes(whole[:len(whole) // 2])  # an interrupted download
+
+
 @pytest.mark.parametrize("name, make, pattern", [
     ("cub", _malformed_cub, r"image_class_labels.txt:9: expected 2 fields, got '99 1 extra'"),
+    ("cub", _non_utf8_cub, r"/CUB_200_2011/images.txt: expected UTF-8 text, got byte 0xff"),
+    ("cars", _truncated_cars, r"/cars_annos.mat: not a readable MATLAB file \(.*\); is the download complete\?$"),
     ("cars", _malformed_cars, r"anno_test.csv:5: expected fname,x1,y1,x2,y2,class \(1..196\), got \['x.jpg'"),
     ("inshop", lambda root: make_inshop(root, declared=52712),
      r"list_eval_partition.txt: declares '52712' rows, 9 follow \(truncated file\?\)"),
-], ids=["cub-fields", "cars-class", "inshop-truncated"])
-def test_malformed_metadata_names_the_file_and_line(tmp_path, name, make, pattern):
+], ids=["cub-fields", "cub-not-utf8", "cars-truncated-mat", "cars-class", "inshop-truncated"])
+def test_malformed_metadata_names_the_file_and_line(tmp_path, capsys, name, make, pattern):
     make(tmp_path)
     with pytest.raises(ValueError, match=pattern):
         data.build_dataset(name, tmp_path, "train")
+    assert data.main(["check", name, "--root", str(tmp_path)]) == 1  # a PROBLEM line, not a traceback
+    assert re.search(pattern.replace("$", ""), capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("kind, error, message", [("corrupt", ValueError, "cannot decode image"),
@@ -1130,7 +1147,10 @@ def _classes(root, counts):
     (lambda root: _classes(root, {"a": 2, "b b": 1, "c": 1, "d": 1}),
      r"class folder .*nowhere/b b holds 1 image\(s\); a training class needs at least 2, a positive pair$"),
     (lambda root: _classes(root, {"train/a": 2, "train/b": 2, "test/c": 1, "test/d": 1, "val/e": 1}),
-     r"holds train/ and test/ beside other folders \(val\)"),
+     r"holds train/ and test/ beside other entries \(val/\)"),
+    (lambda root: (_classes(root, {"train/a": 2, "train/b": 2, "test/c": 1, "test/d": 1}),
+                   save_image(root / "stray.png", "png")),
+     r"holds train/ and test/ beside other entries \(stray.png\)"),
     (lambda root: _classes(root, {"train/a": 2, "train/b": 2, "test/b": 1, "test/d": 1}),
      r"class 'b' is in both .*nowhere/train and .*nowhere/test"),
     (lambda root: _classes(root, {"train": 2, "test/c": 1, "test/d": 1}),
@@ -1138,7 +1158,7 @@ def _classes(root, counts):
     (lambda root: _classes(root, {"a": 2, "b": 2, "\u00e9": 2, "e\u0301": 2}),  # é composed and decomposed
      r"nowhere: two class folders are named 'é' \(in different Unicode forms\)"),
 ], ids=["missing", "empty", "loose-image", "empty-class", "one-test-class", "small-train-class", "other-folders",
-        "class-on-both-sides", "split-without-classes", "one-name-twice"])
+        "image-beside-the-sides", "class-on-both-sides", "split-without-classes", "one-name-twice"])
 def test_folder_refusals_are_one_line_errors_before_training(tmp_path, make, pattern):
     root = tmp_path / "nowhere"
     make(root)
