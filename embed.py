@@ -44,7 +44,8 @@ which model:
   several fold models (fold*/best.pt) their ensemble as train.py computes it for the test: with
   evaluation.ensemble authors, n(concat(n(f_1), ..., n(f_k))), with mlrc, concat(l2(n(f_1)), ...). With
   repeats (seed*/fold*/best.pt, seed*/best.pt) EVERY model found is in the ensemble, in order of seed, then
-  fold. A run directory that lacks a model its config names is refused.
+  fold. A run directory that lacks a model its config names is refused, and so is a part of one (a seed's
+  folder of a run with repeats).
 
 output:
   --out FILE.npz: embeddings (N, d) float32, paths (relative to IMAGE_DIR), and labels and class_names
@@ -53,6 +54,7 @@ output:
   embeddings (exact search with faiss, as evaluate.py; the k distances printed are recomputed in
   float64, ties ordered by gallery path), with their class where the gallery has classes; --out FILE.json
   writes the same. A query image that is also in the gallery is NOT excluded: it finds itself (distance 0).
+  --out must name a new file: embed.py overwrites nothing.
 
 examples:
   python embed.py runs/folder_ms photos/ --out photos.npz
@@ -124,10 +126,14 @@ def load_states(source: Path, paths: list[Path]) -> list[dict]:
             raise InputError(str(err).removeprefix("resume: ")) from None
     if source.is_dir() and paths != [source / "best.pt"]:
         found = {path.parent.relative_to(source) for path in paths}
-        missing = [d for _, _, d in build.model_folders(states[0]["config"]) if d not in found]
+        expected = [d for _, _, d in build.model_folders(states[0]["config"])]
+        if not found & set(expected):  # e.g. one seed's folder of a run with repeats
+            raise InputError(f"{source}: not a whole run's folder: its config trains {expected[0] / 'best.pt'} "
+                             f"... ({len(expected)} models); give the run directory or one checkpoint file")
+        missing = [d for d in expected if d not in found]
         if missing:
             raise InputError(f"{source}: {missing[0] / 'best.pt'} is missing ({len(missing)} of the run's "
-                             f"{len(found) + len(missing)} models lack a best.pt); has the run finished?")
+                             f"{len(expected)} models lack a best.pt); has the run finished?")
     settings = {(s["config"]["normalization"], str(s["config"]["data"])) for s in states}
     if len(settings) > 1:
         raise InputError(f"{source}: its checkpoints were trained with different data or normalisation settings")
@@ -227,6 +233,8 @@ def run(args: argparse.Namespace) -> None:
     out = None if args.out is None else Path(args.out).expanduser()
     if out is not None and not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    if out is not None and out.exists():  # never over a checkpoint, an image or an earlier output
+        raise InputError(f"--out {out}: exists; name a new file (embed.py overwrites nothing)")
     for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--workers", args.workers)):
         if value is not None and value < (0 if flag == "--workers" else 1):
             raise InputError(f"{flag}: expected an integer >= {0 if flag == '--workers' else 1}, got {value}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -104,6 +105,15 @@ def test_a_fold_run_embeds_the_ensemble_of_its_fold_models(gallery, tmp_path, ca
     # a checkpoint file: that one model
     assert embed.main([str(run / "fold1" / "best.pt"), str(root), "--out", str(tmp_path / "one.npz")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "one.npz")["embeddings"], parts[1], atol=1e-6)
+    # an existing --out is refused, whatever it is: here the checkpoint being read
+    assert embed.main([str(run / "fold1" / "best.pt"), str(root), "--out", str(run / "fold1" / "best.pt")]) == 1
+    assert f"--out {run / 'fold1' / 'best.pt'}: exists; name a new file" in capsys.readouterr().err
+    assert torch.load(run / "fold1" / "best.pt", weights_only=False)["fold"] == 1  # untouched
+    # a folder that is not the run's own (its models are not where the config puts them) is refused
+    (tmp_path / "part" / "seed7" / "fold0").mkdir(parents=True)
+    shutil.copy(run / "fold0" / "best.pt", tmp_path / "part" / "seed7" / "fold0")
+    assert embed.main([str(tmp_path / "part"), str(root), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "part: not a whole run's folder: its config trains fold0/best.pt ... (3 models)" in capsys.readouterr().err
     # a run that lacks one of its models is refused
     (run / "fold2" / "best.pt").unlink()
     assert embed.main([str(run), str(root), "--out", str(tmp_path / "x.npz")]) == 1
