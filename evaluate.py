@@ -32,8 +32,8 @@ def retrieval_metrics(query: Embeddings, query_labels: Embeddings,
 
     Without a gallery, each query retrieves among all other queries (itself excluded, so an exact
     duplicate is still a neighbour). A query whose class has no reference (R = 0) is left out of every
-    metric and counted under "queries_without_match". metric: "l2" (Euclidean) or "cosine" (inner
-    product of L2-normalised copies).
+    metric and counted under "queries_without_match". metric: "l2" (Euclidean) or "cosine" (Euclidean
+    between L2-normalised copies: ‖a − b‖² = 2 − 2 cos(a, b), the ranking of cosine similarity).
 
     Ties: references with identical embeddings are ranked in a uniformly random order, and each metric
     is its exact expectation over those orders (e.g. P@1 = 1/3 for a query whose nearest embedding is
@@ -69,7 +69,7 @@ def retrieval_metrics(query: Embeddings, query_labels: Embeddings,
     if not (r > 0).any():
         raise ValueError(f"{where}: none of the {len(query)} queries has a reference of its class")
 
-    ranking = _rank(query, query_codes, gallery, gallery_codes, n_classes, r, self_retrieval, ks, metric)
+    ranking = _rank(query, query_codes, gallery, gallery_codes, n_classes, r, self_retrieval, ks)
     metrics = _expected_metrics(ranking, ks)
     metrics["queries_without_match"] = len(query) - int(ranking.weight.sum())
     return metrics
@@ -165,7 +165,7 @@ class _Ranking(NamedTuple):
 
 
 def _rank(query: np.ndarray, query_codes: np.ndarray, gallery: np.ndarray, gallery_codes: np.ndarray,
-          n_classes: int, r: np.ndarray, self_retrieval: bool, ks: tuple[int, ...], metric: str) -> _Ranking:
+          n_classes: int, r: np.ndarray, self_retrieval: bool, ks: tuple[int, ...]) -> _Ranking:
     """Search every scored query's nearest groups: as many as its R and every recall k need."""
     distinct_queries = _distinct_rows(query)
     queries, query_of_row, _ = distinct_queries
@@ -180,7 +180,7 @@ def _rank(query: np.ndarray, query_codes: np.ndarray, gallery: np.ndarray, galle
     k_searched = min(max((int(r.max()), *ks)), len(gallery) - self_retrieval)
     k_groups = min(k_searched + self_retrieval, len(references))
     searched, row_of_pair = np.unique(pair_query, return_inverse=True)
-    neighbours = _nearest_neighbours(queries[searched], references, k_groups, metric)
+    neighbours = _nearest_neighbours(queries[searched], references, k_groups)
     if len(searched) < len(pair):
         neighbours = neighbours[row_of_pair]
     own = _own_group(neighbours, pair_query) if self_retrieval else np.full(len(pair), k_groups)
@@ -207,9 +207,9 @@ def _distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ordered[starts], inverse, np.diff(np.r_[starts, len(rows)])
 
 
-def _nearest_neighbours(query: np.ndarray, references: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """(n, k) indices of each query's k nearest references, nearest first (exact search)."""
-    index = faiss.IndexFlatL2(references.shape[1]) if metric == "l2" else faiss.IndexFlatIP(references.shape[1])
+def _nearest_neighbours(query: np.ndarray, references: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) indices of each query's k nearest references by Euclidean distance, nearest first (exact search)."""
+    index = faiss.IndexFlatL2(references.shape[1])
     index.add(references)
     neighbours = index.search(query, k)[1]
     if (neighbours < 0).any():  # faiss pads with -1 when distances overflow float32
@@ -402,7 +402,7 @@ def _as_labels(y: Embeddings, n: int, name: str, where: str) -> np.ndarray:
 
 
 def _unit_rows(x: np.ndarray, name: str, where: str) -> np.ndarray:
-    """L2-normalised copy of the rows of `x`, so that inner product = cosine similarity."""
+    """L2-normalised copy of the rows of `x`: Euclidean distance between them ranks by cosine similarity."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     zero_rows = np.flatnonzero(norms[:, 0] == 0)
     if len(zero_rows):

@@ -141,6 +141,19 @@ def test_cosine_equals_l2_on_unit_vectors_and_leaves_input_alone():
     assert_metrics_equal(cosine, retrieval_metrics(unit, y, metric="l2"))
 
 
+def test_cosine_separates_directions_that_inner_products_near_1_do_not():
+    # the nearer reference (1e-4 rad away, the query's class) against a farther one (3e-4 rad): in float32
+    # their inner products with the query, 1 - 5e-9 and 1 - 4.5e-8, lie within one step (6e-8) of 1 and
+    # often tie (inner-product search failed 3 of these 10 planes)
+    for seed in range(10):  # random planes in 64 dimensions
+        base, perp = np.linalg.qr(np.random.default_rng(seed).standard_normal((64, 2)))[0].T
+        query = base[None].astype(np.float32)
+        gallery = np.stack([np.cos(t) * base + np.sin(t) * perp for t in (3e-4, -1e-4)]).astype(np.float32)
+        distances = np.linalg.norm(gallery.astype(np.float64) - query, axis=1)
+        assert distances[1] < distances[0] / 2  # the brute-force truth in float64
+        assert retrieval_metrics(query, [0], gallery, [1, 0], recall_ks=(1,), metric="cosine")["P@1"] == 1.0
+
+
 # ----------------------------------------------------------------------------- hand-built cases
 
 def test_hand_computed_map_at_r_with_r_above_max_recall_k():
