@@ -198,13 +198,18 @@ def _class_codes(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[
 def _distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The distinct rows of `x` in byte order, the index of every row among them, and their counts."""
     rows = x + np.float32(0)  # -0.0 becomes +0.0: equal values get equal bytes
-    order = np.argsort(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))[:, 0], kind="stable")
+    order = _byte_order(rows)
     ordered = rows[order]
     new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]  # (np.unique compares rows far more slowly)
     inverse = np.empty(len(rows), np.int64)
     inverse[order] = np.cumsum(new) - 1
     starts = np.flatnonzero(new)
     return ordered[starts], inverse, np.diff(np.r_[starts, len(rows)])
+
+
+def _byte_order(rows: np.ndarray) -> np.ndarray:
+    """The stable order of the (contiguous) rows by their bytes: an order that does not depend on the data's."""
+    return np.argsort(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))[:, 0], kind="stable")
 
 
 def _nearest_neighbours(query: np.ndarray, references: np.ndarray, k: int) -> np.ndarray:
@@ -298,9 +303,14 @@ def _column_blocks(stop: np.ndarray, width: int, block: int = 64):
 
 def nmi(embeddings: Embeddings, labels: Embeddings, seed: int = 0, niter: int = 20) -> float:
     """NMI(Y, C) = I(Y; C) / ((H(Y) + H(C)) / 2) between the labels Y and the clusters C of k-means
-    with one cluster per class (faiss, random initial centroids drawn with `seed`)."""
+    with one cluster per class (faiss, random initial centroids drawn with `seed`); the same for the rows
+    in any order."""
     x = _as_embeddings(embeddings, "embeddings", "nmi")
     y = _as_labels(labels, len(x), "labels", "nmi")
+    # k-means draws its initial centroids by position: rows in byte order make NMI a function of the
+    # (embedding, label) pairs, not of the order they come in (embed.py lists a split unlike train.py)
+    order = _byte_order(x + np.float32(0))
+    x, y = x[order], y[order]
     # niter 20 and every point training (faiss would subsample above 256 per centroid) follow
     # pytorch-metric-learning, MLRC's library; min_points_per_centroid=1 only silences faiss's warning
     kmeans = faiss.Kmeans(x.shape[1], len(np.unique(y)), niter=int(niter), seed=int(seed),

@@ -512,6 +512,14 @@ def test_nmi_is_reproducible_and_accepts_torch():
     assert 0.0 < nmi(x, y, seed=3) == nmi(torch.from_numpy(x), torch.from_numpy(y), seed=3) < 1.0
 
 
+def test_nmi_does_not_depend_on_the_order_of_the_rows():
+    # overlapping classes, where k-means ends where its initial centroids (drawn by position) lead it
+    x, y = clustered(8, n_classes=10)
+    values = {nmi(x[p], y[p]) for p in [np.arange(len(x))] + [np.random.default_rng(s).permutation(len(x))
+                                                                 for s in range(5)]}
+    assert len(values) == 1
+
+
 # ----------------------------------------------------------------------------- embed
 
 def small_model() -> torch.nn.Module:
