@@ -147,7 +147,8 @@ class RetrievalDataset(torch.utils.data.Dataset):
 
     An item is a PIL RGB image when transform is None, else transform(image). In-memory sets keep
     their images in `images` (digits: (N, 1, 8, 8) floats and synthetic paths; `decoded`: uint8 crops).
-    `class_names[label]` names a class where the data has names (folder), else it is None.
+    `class_names[label]` names a class where the data has names (folder) or is a class_subset, else it
+    is None.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], num_classes: int,
@@ -571,7 +572,8 @@ def _warn_counts(dataset: RetrievalDataset, name: str, split: str, root: Path | 
 
 
 def class_subset(dataset: RetrievalDataset, classes: Sequence[int]) -> RetrievalDataset:
-    """The items of `classes` (labels of `dataset`), relabelled 0..len(classes)-1 in sorted order."""
+    """The items of `classes` (labels of `dataset`), relabelled 0..len(classes)-1 in sorted order; its
+    class_names are theirs in `dataset`, or, where it has none, their labels there ("7" for label 7)."""
     wanted = sorted({int(c) for c in classes})
     missing = sorted(set(wanted) - set(dataset.labels))
     if not wanted or missing:
@@ -583,7 +585,7 @@ def class_subset(dataset: RetrievalDataset, classes: Sequence[int]) -> Retrieval
     subset.labels = [rank[dataset.labels[i]] for i in keep]
     subset.num_classes = len(wanted)
     subset.images = None if dataset.images is None else dataset.images[keep]
-    subset.class_names = None if dataset.class_names is None else [dataset.class_names[c] for c in wanted]
+    subset.class_names = [str(c) if dataset.class_names is None else dataset.class_names[c] for c in wanted]
     subset.name = f"{dataset.name} ({len(wanted)}-class subset)"
     return subset
 

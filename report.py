@@ -543,7 +543,7 @@ def selection_caption(numbers: dict) -> str:
 
 def class_names(selections: list[dict[str, Any]]) -> dict[int, str]:
     """{label: what the legend calls it}: the class's name where the selection file records class_names
-    (indexed by label), else its label, the class id within the training split."""
+    (indexed by label: train.py records them), else its label within the fit split."""
     labels = np.unique(np.concatenate([s["fit_labels"] for s in selections]))
     names = selections[0].get("class_names")
     if names is not None and len(names) > labels.max():

@@ -292,7 +292,8 @@ def selection_report(r: build.Run, pool: torch.Tensor, start: torch.Tensor, new:
 
 
 def save_selection(r: build.Run, converged: torch.Tensor, selected: torch.Tensor, instance: int, name: str) -> None:
-    """selections/NAME.npz: P*, k-center's choice and the raw fit embeddings, for report.py's Fig. 1."""
+    """selections/NAME.npz: P*, k-center's choice and the raw fit embeddings (labels 0.. within the fit split,
+    class_names their names, or labels in the training split), for report.py's Fig. 1."""
     folder = r.dir / "selections"
     folder.mkdir(exist_ok=True)
     loader = eval_loader(r.splits["fit_eval"], r.cfg, r.device)
@@ -300,7 +301,8 @@ def save_selection(r: build.Run, converged: torch.Tensor, selected: torch.Tensor
     arrays = {"step": np.int64(r.step), "instance": np.int64(instance), "normalization": r.cfg["normalization"],
               "converged_proxies": converged.numpy(), "selected_proxies": selected.numpy(),
               "proxy_labels": r.objective.proxies.labels.cpu().numpy(),
-              "fit_embeddings": fit_embeddings.numpy(), "fit_labels": fit_labels.numpy()}
+              "fit_embeddings": fit_embeddings.numpy(), "fit_labels": fit_labels.numpy(),
+              "class_names": np.array(r.splits["fit_eval"].class_names, dtype=str)}
     save_npz(folder / f"{name}.npz", arrays)
 
 

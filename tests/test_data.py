@@ -422,6 +422,7 @@ def test_class_subset_relabels_in_sorted_order():
     subset = data.class_subset(dataset, [5, 2])
     expected = [(p, {2: 0, 5: 1}[label]) for p, label in zip(dataset.paths, dataset.labels) if label in (2, 5)]
     assert list(zip(subset.paths, subset.labels)) == expected and subset.num_classes == 2
+    assert subset.class_names == ["2", "5"]  # digits has no names: a subset's classes are named by their labels
     original = dataset.paths.index(subset.paths[3])
     assert torch.equal(subset[3][0], dataset[original][0])
 

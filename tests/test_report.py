@@ -243,8 +243,10 @@ def test_fig1_has_a_legend_entry_per_class_outside_the_panels(runs, tmp_path, dr
     renderer = rendered(fig)
     legend = next(legend for legend in fig.legends if legend.get_title().get_text() == "class")
     with np.load(runs["single"] / "selections" / "final.npz") as f:
-        classes = np.unique(f["fit_labels"])
-    assert [t.get_text() for t in legend.get_texts()] == [str(c) for c in classes] == ["0", "1", "2", "3"]
+        classes, names = np.unique(f["fit_labels"]), list(f["class_names"])
+    # fold 2 of the digits trains on digits 0-3: labels 0-3 in the fit split, named by their digits (another
+    # fold's fit split names its classes by their digits too: test_class_subset_relabels_in_sorted_order)
+    assert [t.get_text() for t in legend.get_texts()] == names == [str(c) for c in classes] == ["0", "1", "2", "3"]
     for box in (legend.get_window_extent(renderer) for legend in fig.legends):
         assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
 
