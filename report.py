@@ -387,11 +387,6 @@ def figure_comparison(groups: dict[str, list[Path]], path: Path, title: str | No
     return numbers
 
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def group_mean(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation; None for the sd of one value (one model has no spread)."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -730,13 +725,14 @@ def paper_method(config: dict) -> str | None:
     return f"{loss}-CCP (L)" if method == "ccp" else loss
 
 
-def run_summary(results: dict) -> tuple[dict, dict | None, dict | None, int]:
-    """(mean, sd over seeds or None, ensemble mean or None, number of seeds) from a results.json."""
+def run_summary(results: dict) -> tuple[dict, dict | None, dict | None, dict | None, int]:
+    """(mean, sd over seeds or None, ensemble mean or None, its sd over the combinations of the seeds' models
+    or None, number of seeds) from a results.json."""
     if "mean" not in results:  # a single model's results.json
-        return results["test"], None, None, 1
+        return results["test"], None, None, None, 1
     seeds = len(results.get("per_seed") or [None])
-    sd = results.get("sd") if seeds > 1 else None
-    return results["mean"], sd, results.get("ensemble_mean"), seeds
+    sd, ensemble_sd = (results.get("sd"), results.get("ensemble_sd")) if seeds > 1 else (None, None)
+    return results["mean"], sd, results.get("ensemble_mean"), ensemble_sd, seeds
 
 
 def percent(value: float | None, sd: float | None = None) -> str:
@@ -753,7 +749,7 @@ def results_table(run_dir: Path, paper: dict | None = None) -> tuple[str, dict[s
     if results is None or not ({"mean", "test"} & results.keys()):
         return f"{run_dir}: no results.json with test metrics yet (the run has not finished)", {}
     config = read_config(run_dir)
-    mean, sd, ensemble, seeds = run_summary(results)
+    mean, sd, ensemble, ensemble_sd, seeds = run_summary(results)
     dataset, method = (config.get("dataset") or {}).get("name"), paper_method(config)
     paper = paper if paper is not None else paper_numbers()
     reference = paper.get((method, dataset), {}) if dataset in PAPER_DATASETS.values() else {}
@@ -762,7 +758,8 @@ def results_table(run_dir: Path, paper: dict | None = None) -> tuple[str, dict[s
         ours = ensemble[key] if ensemble else mean[key]
         ref = reference.get(key)
         rows[key] = {"mean": mean[key], "sd": sd[key] if sd else None, "ensemble": ensemble[key] if ensemble else None,
-                     "paper": ref, "difference": None if ref is None else ours - ref}
+                     "ensemble_sd": (ensemble_sd or {}).get(key), "paper": ref,
+                     "difference": None if ref is None else ours - ref}
     return table_text(run_dir, config, rows, method, bool(reference), seeds, results), rows
 
 
@@ -774,13 +771,14 @@ def table_text(run_dir: Path, config: dict, rows: dict, method: str | None, has_
     head = [f"{dim}-D mean of {models} model(s){over}"]
     has_ensemble = any(r["ensemble"] is not None for r in rows.values())
     if has_ensemble:
-        head.append(f"{dim * models if isinstance(dim, int) else '?'}-D ensemble")
+        combinations = f", ± sd over {results['ensemble_combinations']} combinations" if seeds > 1 else ""
+        head.append(f"{dim * models if isinstance(dim, int) else '?'}-D ensemble{combinations}")
     if has_paper:
         head += ["paper 512-D", "difference (points)"]
     lines = [f"test metrics of {run_title(run_dir)} ({run_dir}), in %",
              "", "| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for key, r in rows.items():
-        cells = [percent(r["mean"], r["sd"])] + ([percent(r["ensemble"])] if has_ensemble else [])
+        cells = [percent(r["mean"], r["sd"])] + ([percent(r["ensemble"], r["ensemble_sd"])] if has_ensemble else [])
         if has_paper:
             cells += [percent(r["paper"]), "—" if r["difference"] is None else f"{100 * r['difference']:+.2f}"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")

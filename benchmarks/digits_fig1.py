@@ -69,8 +69,9 @@ def cell(values: list[float], seeds: int) -> str:
     """mean ± sd over seeds; (n = k) when only k of the seeds got there."""
     if not values:
         return "—"
-    mean, sd = report.mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f}" + (f" (n = {len(values)})" if len(values) < seeds else "")
+    mean, sd = report.group_mean(values)  # sd None for one value
+    spread = f" ± {sd:.3f}" if sd is not None else ""
+    return f"{mean:.3f}{spread}" + (f" (n = {len(values)})" if len(values) < seeds else "")
 
 
 def instance_table(numbers: dict[str, list[dict]]) -> str:

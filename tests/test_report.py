@@ -415,14 +415,15 @@ def test_table_puts_the_ensemble_beside_the_paper_with_the_difference(tmp_path):
     mean, ensemble = {"P@1": 0.75, "MAP@R": 0.21, "queries_without_match": 0}, {"P@1": 0.80, "MAP@R": 0.25}
     per_seed = [{"seed": s, "mean": mean} for s in (0, 1)]
     results = {"config": config, "models": [{}] * 8, "per_seed": per_seed, "mean": mean,
-               "sd": {"P@1": 0.01, "MAP@R": 0.02}, "ensemble_mean": ensemble, "ensemble_sd": {}}
+               "sd": {"P@1": 0.01, "MAP@R": 0.02}, "ensemble_mean": ensemble, "ensemble_sd": {"P@1": 0.005},
+               "ensemble_combinations": 16}
     (tmp_path / "results.json").write_text(json.dumps(results))
     text, rows = report.results_table(tmp_path)
-    assert rows["P@1"] == pytest.approx({"mean": 0.75, "sd": 0.01, "ensemble": 0.80, "paper": 0.8376,
-                                         "difference": 0.80 - 0.8376})
+    assert rows["P@1"] == pytest.approx({"mean": 0.75, "sd": 0.01, "ensemble": 0.80, "ensemble_sd": 0.005,
+                                         "paper": 0.8376, "difference": 0.80 - 0.8376})
     assert "queries_without_match" not in rows
-    assert "| P@1 | 75.00 ± 1.00 | 80.00 | 83.76 | -3.76 |" in text
-    assert "| metric | 128-D mean of 4 model(s), ± sd over 2 seeds | 512-D ensemble |" in text
+    assert "| P@1 | 75.00 ± 1.00 | 80.00 ± 0.50 | 83.76 | -3.76 |" in text
+    assert "| metric | 128-D mean of 4 model(s), ± sd over 2 seeds | 512-D ensemble, ± sd over 16 combinations |" in text
 
 
 def test_no_paper_comparison_for_digits_or_your_own_images(runs, tmp_path, drawn):
