@@ -844,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("val", "test"), default="val", help="embeddings drawn by t-SNE")
     args = parser.parse_args(argv)
     try:
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise ReportError(f"--out {args.out} is a file; name a folder for comparison.png")
         for run_dir in args.run_dirs:
             written = report_run(run_dir, args.split)
             print(results_table(run_dir)[0])

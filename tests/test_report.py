@@ -459,6 +459,13 @@ def test_missing_run_dir_is_a_one_line_error_and_exit_code_1(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: run dir not found: {tmp_path / 'nowhere'}\n"
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_figure(runs, tmp_path, capsys, drawn):
+    (tmp_path / "a_file").write_text("kept")
+    assert report.main([str(runs["single"]), str(runs["folds"]), "--out", str(tmp_path / "a_file")]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'a_file'} is a file; name a folder for comparison.png\n"
+    assert drawn == [] and (tmp_path / "a_file").read_text() == "kept"
+
+
 def test_torn_last_line_is_tolerated(runs, tmp_path):
     lines = (runs["single"] / "metrics.jsonl").read_text().splitlines()
     torn = tmp_path / "metrics.jsonl"
