@@ -163,6 +163,12 @@ def find_checkpoint(cfg: dict, fold: int, seed: int, run_dir: Path) -> dict | No
     if resume == "auto" and not last.exists() and written:
         raise ConfigError(f"resume=auto: {run_dir} holds {', '.join(written)} but no last.pt to continue from; "
                           f"starting afresh would overwrite them: move them away or choose another run_dir")
+    continued = [s for s in read_jsonl(run_dir / "segments.jsonl") if s["from_step"] > 0]
+    if resume == "auto" and not last.exists() and continued:  # stopped before writing a last.pt of its own
+        source = continued[-1]["config"]["resume"]
+        raise ConfigError(f"resume=auto: {run_dir} has no last.pt, but its training continued "
+                          f"{last if source == 'auto' else source} at step {continued[-1]['from_step']} "
+                          f"(segments.jsonl): continue from that checkpoint with resume=PATH, not from step 0")
     if resume not in (None, "auto") and written and Path(resume).expanduser().resolve() != last.resolve():
         raise ConfigError(f"resume: {run_dir} already holds a run's {', '.join(written)}; continuing {resume} there "
                           f"would mix two runs: choose a new run_dir for it")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import bookkeeping
 import train
@@ -398,6 +399,20 @@ def test_resume_auto_refuses_to_start_afresh_over_a_finished_run_without_last_pt
     assert main(run, "train.max_steps=10", "resume=auto") == 1
     err = one_line_error(capsys.readouterr().err)
     assert f"{run} holds results.json, best.pt, metrics.jsonl but no last.pt" in err
+    assert files(run) == before
+
+
+def test_resume_auto_does_not_start_afresh_where_the_training_continued_another_checkpoint(trained, tmp_path,
+                                                                                          capsys):
+    """A run continued from elsewhere and stopped before its first last.pt: resume=auto names that checkpoint."""
+    run = tmp_path / "continued"
+    run.mkdir()
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    bookkeeping.record_segment(run, {**config, "resume": str(trained / "last.pt")}, 30, resolved={})
+    before = files(run)
+    assert main(run, "resume=auto") == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert f"{run} has no last.pt, but its training continued {trained / 'last.pt'} at step 30" in err
     assert files(run) == before
 
 
