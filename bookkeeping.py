@@ -38,7 +38,7 @@ from config import ConfigError, flatten
 # Keys a checkpoint must agree on with the config that resumes it: they shape the saved state.
 STATE_SHAPING_KEYS = ("method", "dataset.name", "folds", "model.backbone", "model.embedding_dim",
                       "model.pooling", "model.freeze_bn", "model.backbone_kwargs", "ccp.proxies_per_class",
-                      "data.sampler", "data.refill")
+                      "baseline.xbm_memory_batches", "data.sampler", "data.refill")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -149,7 +149,7 @@ def restore(r: Run, state: dict) -> None:
         r.stopper.load_state_dict({**state["stopper"], "patience": r.cfg["train"]["patience"],
                                    "min_delta": r.cfg["projection"]["min_delta"]})
     except (RuntimeError, KeyError, ValueError) as err:  # a state of another shape than this config builds
-        raise ConfigError(f"resume: {r.cfg['resume']} does not fit this config: {err}") from None
+        raise ConfigError(f"resume: {r.cfg['resume']} does not fit this config: {' '.join(str(err).split())}") from None
     r.step, r.best, r.resumed = state["step"], state["best"], True
 
 

@@ -422,6 +422,16 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
     with pytest.raises(train.ConfigError, match=r"with no data\.refill \(older code\) but the config says "
                                                 r"data\.refill='cycle'"):
         run_digits(tmp_path, "run", "train.max_steps=10", "resume=auto")
+    # a shape no config key names (SoftTriple's centers per class): one line naming the tensor
+    run_digits(tmp_path, "soft", "train.max_steps=5", "method=softtriple")
+    with pytest.raises(train.ConfigError, match=r"^resume: auto does not fit this config: Error\(s\) in loading "
+                                                r"state_dict for SoftTriple: size mismatch for proxies: [^\n]*$"):
+        run_digits(tmp_path, "soft", "train.max_steps=10", "resume=auto", "method=softtriple",
+                   "baseline.params={centers_per_class: 3}")
+    with pytest.raises(train.ConfigError, match=r"baseline\.xbm_memory_batches=25 but the config says "
+                                                r"baseline\.xbm_memory_batches=3$"):  # XBM's memory: its size
+        run_digits(tmp_path, "soft", "train.max_steps=10", "resume=auto", "method=softtriple",
+                   "baseline.xbm_memory_batches=3")
 
 
 def test_unreadable_checkpoint_and_occupied_eval_dir_are_clear_errors(tmp_path, capsys):
