@@ -68,10 +68,14 @@ def save_json(obj: Any, path: Path) -> None:
 
 
 def append_jsonl(record: dict, path: Path) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    line = json.dumps(record, allow_nan=False) + "\n"
+    try:
+        with path.open("a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a full disk: one message that names the file (read_jsonl drops a torn last line)
+        raise OSError(err.errno, f"cannot append to {path}: {err.strerror}") from None
 
 
 def git_commit() -> str | None:
@@ -213,9 +217,13 @@ class RunLock:
             file.close()
             raise ConfigError(f"run_dir {self.path.parent} is in use by {holder}; wait for it to end or choose "
                               f"another run_dir") from None
-        file.truncate(0)
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        file.flush()
+        try:
+            file.truncate(0)
+            file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            file.flush()
+        except OSError as err:  # a full disk
+            file.close()
+            raise OSError(err.errno, f"cannot write the lock file {self.path}: {err.strerror}") from None
         self.file = file
         return self
 

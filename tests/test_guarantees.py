@@ -295,6 +295,16 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(trai
     assert (run / "last.pt").read_bytes() == last and not (run / "last.pt.tmp").exists()
 
 
+def test_a_full_disk_while_logging_or_locking_names_the_file(tmp_path):
+    # /dev/full answers every write with ENOSPC; the lock file is a link to it
+    with pytest.raises(OSError, match="cannot append to /dev/full: No space left on device$"):
+        bookkeeping.append_jsonl({"step": 1}, Path("/dev/full"))
+    (tmp_path / ".lock").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=f"cannot write the lock file {tmp_path / '.lock'}: "):
+        with bookkeeping.RunLock(tmp_path):
+            pass
+
+
 def test_an_unwritable_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
