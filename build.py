@@ -203,14 +203,21 @@ def model_folders(cfg: dict) -> list[tuple[int, int, Path]]:
 
 def check_inputs(cfg: dict, folds: list[int]) -> None:
     """What a run reads and what its folds must hold, checked before anything is written: the data (read
-    once for every fold), the pretrained weights."""
-    name, root = cfg["dataset"]["name"], cfg["dataset"]["root"]
+    once for every fold), the pretrained weights, and that the network takes the transform's images."""
+    name, root, dc, mc = cfg["dataset"]["name"], cfg["dataset"]["root"], cfg["data"], cfg["model"]
     labels = data.build_dataset(name, root, "train").labels
-    for split in data.SPLITS[name][1:]:  # the test split(s)
-        data.build_dataset(name, root, split)
+    tests = [data.build_dataset(name, root, split) for split in data.SPLITS[name][1:]]  # the test split(s)
     for fold in folds:
         fold_classes(cfg, labels, fold)
-    build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
+    network = build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
+    transform = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
+    try:  # one test image: e.g. tiny_cnn's one channel and RGB photos fail here, not at the first step
+        with torch.no_grad():
+            network.eval()(tests[0].with_transform(transform)[0][0][None])
+    except RuntimeError as err:
+        raise ConfigError(f"config keys model.backbone and data.transform: {mc['backbone']} "
+                          f"(backbone_kwargs {mc['backbone_kwargs']}) cannot take the images of data.transform "
+                          f"{dc['transform']} ({str(err).splitlines()[0]})") from None
 
 
 def saved_network(state: dict, device: torch.device, default_layout: bool | str = "auto") -> model.EmbeddingModel:

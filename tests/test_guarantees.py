@@ -219,8 +219,9 @@ def test_save_json_refuses_non_finite_numbers_and_keeps_the_old_file(tmp_path):
             bookkeeping.save_json({"MAP@R": bad}, path)
         with pytest.raises(ValueError):
             bookkeeping.append_jsonl({"MAP@R": bad}, tmp_path / "log.jsonl")
+    # the old file kept, no .tmp left, and the refused record wrote nothing (not even an empty log)
     assert strict_json(path.read_text()) == {"MAP@R": 0.5} and sorted(p.name for p in tmp_path.iterdir()) == [
-        "log.jsonl", "results.json"] and (tmp_path / "log.jsonl").read_text() == ""
+        "results.json"]
 
 
 def test_an_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
@@ -364,7 +365,8 @@ def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path
 
 
 def test_a_start_that_fails_before_training_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
-    """Missing data is found before config.yaml or a model folder is written (issue 21)."""
+    """Missing data, or a network that cannot take the data's images, is found before config.yaml or a model
+    folder is written (issue 21)."""
     from test_train import make_fake_cub
     args = [str(ROOT / "configs" / "cub_ms.yaml"), f"dataset.root={tmp_path / 'cub'}", f"run_dir={tmp_path / 'run'}",
             "device=cpu", "folds=2", "fold=1", "model.backbone=tiny_cnn", "model.pretrained=null",
@@ -378,6 +380,11 @@ def test_a_start_that_fails_before_training_leaves_nothing_that_blocks_the_corre
     make_fake_cub(tmp_path / "cub")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # far fewer images than CUB: data.py warns
+        # and a network that cannot take the transform's images (tiny_cnn takes one channel by default)
+        assert train.main([arg for arg in args if "in_channels" not in arg]) == 1
+        assert "tiny_cnn (backbone_kwargs {}) cannot take the images of data.transform resnet (Given groups=1" \
+            in one_line_error(capsys.readouterr().err)
+        assert files(tmp_path / "run") == {}
         assert train.main(args) == 0  # the same command, once the data is there
     assert (tmp_path / "run" / "results.json").exists()
 
