@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import torch
 import yaml
 
 import data
@@ -398,8 +399,12 @@ def _check_kwargs(key: str, params: Any, fn: Callable) -> None:
 
 def _check_kwarg_value(key: str, value: Any, default: Any) -> Any:
     """A keyword argument whose default is a number takes a finite number, by the rules of a top-level key
-    (float strings read as floats, an int for an int); any other is left as it is. Returns value."""
-    if not isinstance(default, (int, float)) or isinstance(default, bool):
+    (float strings read as floats, an int for an int); one whose default is a bool or a string takes a value
+    of that type; any other (a default of None) is left as it is. Returns value."""
+    if isinstance(default, (bool, str)):
+        _check_type(key, value, default)
+        return value
+    if not isinstance(default, (int, float)):
         return value
     value = _coerce(value, default)
     _check_type(key, value, default)
@@ -462,7 +467,12 @@ def validate_config(cfg: dict, defaults: dict) -> dict:
     _check_kwargs("loss.params", cfg["loss"]["params"], losses.LOSSES[cfg["loss"]["name"]])
     _check_kwargs("model.backbone_kwargs", cfg["model"]["backbone_kwargs"], model.BACKBONES[cfg["model"]["backbone"]])
     if cfg["method"] in PROXY_BASELINES:
-        _check_kwargs("baseline.params", cfg["baseline"]["params"], PROXY_BASELINES[cfg["method"]])
+        baseline = PROXY_BASELINES[cfg["method"]]
+        _check_kwargs("baseline.params", cfg["baseline"]["params"], baseline)
+        try:  # the module checks its own values (e.g. SoftTriple's center_regularizer): built small, once here
+            baseline(2, cfg["model"]["embedding_dim"], generator=torch.Generator(), **cfg["baseline"]["params"])
+        except ValueError as err:
+            raise ConfigError(f"config key baseline.params: {err}") from None
     _check_finite("", cfg)
     _check_combinations(cfg)
     return cfg
