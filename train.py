@@ -468,6 +468,8 @@ def summarize_run(cfg: dict, run_dir: Path, models: list[tuple[int, int, Path]],
 
 def evaluate_checkpoint(cfg: dict) -> dict:
     """eval_only: rebuild the checkpoint's network, evaluate it on the test split, print the table."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every process would evaluate into the one run_dir
+        raise ConfigError("eval_only evaluates one checkpoint in one process: run it with python, not torchrun")
     path, run_dir = Path(cfg["resume"]).expanduser(), run_directory(cfg)
     with RunLock(run_dir):
         if holds_results(run_dir):

@@ -434,6 +434,13 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
                    "baseline.xbm_memory_batches=3")
 
 
+def test_eval_only_under_torchrun_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it in each process
+    code = train.main([str(DIGITS), f"run_dir={tmp_path / 'eval'}", "eval_only=true", f"resume={tmp_path / 'a.pt'}"])
+    assert code == 1 and "eval_only evaluates one checkpoint in one process" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_unreadable_checkpoint_and_occupied_eval_dir_are_clear_errors(tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     code = train.main([str(DIGITS), f"run_dir={tmp_path / 'eval'}", "eval_only=true",
