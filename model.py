@@ -441,6 +441,8 @@ def build_model(backbone: str, embedding_dim: int = 128, pretrained: str | os.Pa
     `fold_bn`: BN-Inception's fast path (BNInception; the other backbones have none).
     """
     kwargs = dict(backbone_kwargs or {})
+    if "fold_bn" in kwargs:  # it would be overridden below
+        raise ValueError("build_model: pass fold_bn as build_model's own argument, not in backbone_kwargs")
     if backbone == "bninception":
         kwargs["fold_bn"] = fold_bn
     _check_arguments(backbone, embedding_dim, pooling, kwargs)

@@ -67,8 +67,7 @@ def build_variant(method: str, path: str, cfg: dict, args) -> dict:
     choice = PATHS[path]
     device, mc = torch.device(args.device), cfg["model"]
     network = models.build_model(mc["backbone"], mc["embedding_dim"], None, mc["pooling"], mc["freeze_bn"], seed=0,
-                                 backbone_kwargs={"fold_bn": choice["fold_bn"]},
-                                 channels_last=choice["channels_last"]).to(device)
+                                 channels_last=choice["channels_last"], fold_bn=choice["fold_bn"]).to(device)
     cfg = {**cfg, "method": "ccp" if method == "ccp" else "baseline"}
     objective = build.build_objective(cfg, args.classes, mc["embedding_dim"], seed=0) if method == "ccp" else None
     if objective is not None:

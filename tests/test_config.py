@@ -203,8 +203,8 @@ KWARG_VALUES = [
      {"la": 20.0, "centers_per_class": 5}),
     (["model.backbone_kwargs={width: 16}"], "model.backbone_kwargs", {"width": 16}),
     # a default that is not a number (a bool, a string, None): the value is left as it is
-    (["model.backbone=bninception", "model.backbone_kwargs={fold_bn: false}"], "model.backbone_kwargs",
-     {"fold_bn": False}),
+    (["method=proxy_anchor", "baseline.params={push_over_all_proxies: true}"], "baseline.params",
+     {"push_over_all_proxies": True}),
 ]
 
 
@@ -233,15 +233,19 @@ def test_a_keyword_argument_that_is_not_a_finite_number_names_its_key(overrides,
 @pytest.mark.parametrize("overrides, message", [
     (["method=proxynca++", "baseline.params={logits: .nan}"],
      "config key baseline.params.logits: expected str, got nan (float)"),
-    (["model.backbone=bninception", "model.backbone_kwargs={fold_bn: [1.0, .inf]}"],
-     "config key model.backbone_kwargs.fold_bn: expected bool, got [1.0, inf] (list)"),
+    (["method=proxy_anchor", "baseline.params={push_over_all_proxies: [1.0, .inf]}"],
+     "config key baseline.params.push_over_all_proxies: expected bool, got [1.0, inf] (list)"),
+    # BN-Inception's fold_bn is model.fold_bn's: build_model would override a second setting silently
+    (["model.backbone=bninception", "model.backbone_kwargs={fold_bn: false}"],
+     "config key model.backbone_kwargs.fold_bn: set model.fold_bn (true, false or auto) instead"),
     (["method=proxy_anchor", "baseline.params={push_over_all_proxies: maybe}"],
      "config key baseline.params.push_over_all_proxies: expected bool, got 'maybe' (str)"),
     # a value the module refuses: found by building it once while the config is read
     (["method=softtriple", "baseline.params={center_regularizer: bogus}"],
      "config key baseline.params: SoftTriple: expected center_regularizer to be one of ('normalized', 'raw'), "
      "got 'bogus'"),
-], ids=["nan for a string", "a list for a bool", "a word for a bool", "a word the module refuses"])
+], ids=["nan for a string", "a list for a bool", "fold_bn of model.fold_bn", "a word for a bool",
+        "a word the module refuses"])
 def test_a_bool_or_string_keyword_argument_takes_its_type_and_the_module_its_values(overrides, message):
     """A truthy string passed for a bool ran as True; a refused choice stopped the run after config.yaml."""
     assert error_of(overrides) == f"{DIGITS}: {message}"

@@ -407,7 +407,9 @@ def test_build_model_is_a_pure_function_of_the_seed(backbone):
     ({"backbone": "mlp", "embedding_dim": 0}, r"embedding_dim must be a positive int, got 0"),
     ({"backbone": "tiny_cnn", "backbone_kwargs": {"channels": 3}},
      r"tiny_cnn takes backbone_kwargs \['in_channels', 'width'\].*\['channels'\]"),
-], ids=["backbone", "pooling", "embedding_dim", "backbone_kwargs"])
+    ({"backbone": "bninception", "backbone_kwargs": {"fold_bn": False}},  # was overridden by fold_bn=True
+     r"pass fold_bn as build_model's own argument, not in backbone_kwargs"),
+], ids=["backbone", "pooling", "embedding_dim", "backbone_kwargs", "fold_bn twice"])
 def test_build_model_refuses_bad_arguments(arguments, pattern):
     with pytest.raises(ValueError, match=pattern):
         model.build_model(**arguments)
@@ -438,8 +440,8 @@ def test_fold_batchnorm_is_conv_then_eval_batchnorm_with_the_same_gradients():
 
 def _bninception_pair(fold_bn, channels_last, seed=4):
     """build_model's BN-Inception with the given fast-path choices and random BatchNorm statistics."""
-    net = model.build_model("bninception", 16, seed=seed, channels_last=channels_last,
-                            backbone_kwargs={"fold_bn": fold_bn})
+    net = model.build_model("bninception", 16, seed=seed, channels_last=channels_last, fold_bn=fold_bn)
+    assert net.backbone.fold_bn == fold_bn
     return _random_batchnorm_(net, seed)
 
 
