@@ -53,6 +53,9 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
     r = build.training_run(cfg, fold, seed, run_dir, prefix, method)  # θ, P, θ_anchor ← θ, λ_0 = 0; or resumed
     if not r.resumed:
         r.ccp.start()  # P ← select(pool(θ), initial = 0, K)
+    if not r.last_path.exists():  # from here on a kill leaves a last.pt that resume=auto continues exactly
+        check_finite_state(r)
+        r.save(r.last_path)
     E = cfg["train"]["eval_every"]
     while r.step < cfg["train"]["max_steps"] and not r.stopper.stopped:
         r.sampler.set_epoch(r.step // E, r.step % E)  # an epoch is one validation interval

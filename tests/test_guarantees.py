@@ -108,8 +108,9 @@ def test_non_finite_batchnorm_statistics_stop_the_run(tmp_path, capsys, steps):
     run = tmp_path / "run"
     assert main(run, f"train.max_steps={steps}", "train.lr=1.0e+9") == 1
     err = one_line_error(capsys.readouterr().err)
-    assert "running_var holds NaN or inf" in err and f"at step {steps}" in err and "no checkpoint was written" in err
-    assert not (run / "last.pt").exists() and not (run / "results.json").exists()
+    assert "running_var holds NaN or inf" in err and f"at step {steps}" in err
+    assert f"{run / 'last.pt'} holds the last good state" in err and not (run / "results.json").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 0  # the state training started from
 
 
 # ---------------------------------------------------------------- 7: one process per run_dir
@@ -335,7 +336,7 @@ def test_a_backbone_without_weights_is_one_line(tmp_path, capsys, width):
     assert "model.backbone_kwargs" in err and "tiny_cnn" in err
 
 
-@pytest.mark.parametrize("interrupt, steps", [(13, 15), (2, 3)])  # after the checkpoint at step 10; before any
+@pytest.mark.parametrize("interrupt, steps", [(13, 15), (2, 3)])  # after the checkpoint at step 10; at step 0
 def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path, capsys, monkeypatch, interrupt,
                                                                steps):
     calls = {"n": 0}
@@ -362,6 +363,31 @@ def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path
     assert torch.load(run / "last.pt", weights_only=True)["step"] == steps
     initial = [r for r in read_log(run / "metrics.jsonl") if r["step"] == 0]
     assert initial == read_log(trained / "metrics.jsonl")[:1]  # one initial selection, as in an uninterrupted run
+
+
+def test_a_kill_at_the_first_validation_between_best_pt_and_last_pt_resumes_exactly(trained, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """best.pt is written before the log line and last.pt: a run stopped there holds best.pt, and the
+    last.pt written where training started (step 0), which resume=auto continues (it refused before)."""
+    real_append = train.append_jsonl
+
+    def killed_at_first_validation(record, path):
+        if "val" in record:
+            raise KeyboardInterrupt  # as a kill there: nothing after this line runs
+        real_append(record, path)
+
+    monkeypatch.setattr(train, "append_jsonl", killed_at_first_validation)
+    run = tmp_path / "run"
+    assert main(run, "train.max_steps=10") == 130
+    assert (run / "best.pt").exists() and torch.load(run / "last.pt", weights_only=True)["step"] == 0
+    monkeypatch.setattr(train, "append_jsonl", real_append)
+    assert main(run, "train.max_steps=10", "resume=auto") == 0
+    for name in ("last.pt", "best.pt"):
+        got, want = torch.load(run / name, weights_only=True), torch.load(trained / name, weights_only=True)
+        assert got["step"] == want["step"] and all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder / "metrics.jsonl")]
+               for folder in (run, trained)]
+    assert untimed[0] == untimed[1]  # one initial selection, every validation once
 
 
 def test_a_start_that_fails_before_training_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
