@@ -160,15 +160,16 @@ def find_checkpoint(cfg: dict, fold: int, seed: int, run_dir: Path) -> dict | No
     # what a run wrote after its start (a log of the initial selection alone is rewritten the same by a restart)
     written = [name for name in ("results.json", "best.pt") if (run_dir / name).exists()] + (
         ["metrics.jsonl"] if any(r["step"] > 0 for r in read_jsonl(run_dir / "metrics.jsonl")) else [])
-    if resume == "auto" and not last.exists() and written:
-        raise ConfigError(f"resume=auto: {run_dir} holds {', '.join(written)} but no last.pt to continue from; "
-                          f"starting afresh would overwrite them: move them away or choose another run_dir")
-    continued = [s for s in read_jsonl(run_dir / "segments.jsonl") if s["from_step"] > 0]
-    if resume == "auto" and not last.exists() and continued:  # stopped before writing a last.pt of its own
-        source = continued[-1]["config"]["resume"]
-        raise ConfigError(f"resume=auto: {run_dir} has no last.pt, but its training continued "
-                          f"{last if source == 'auto' else source} at step {continued[-1]['from_step']} "
-                          f"(segments.jsonl): continue from that checkpoint with resume=PATH, not from step 0")
+    if resume == "auto" and not last.exists():
+        if written:
+            raise ConfigError(f"resume=auto: {run_dir} holds {', '.join(written)} but no last.pt to continue from; "
+                              f"starting afresh would overwrite them: move them away or choose another run_dir")
+        continued = [s for s in read_jsonl(run_dir / "segments.jsonl") if s["from_step"] > 0]
+        if continued:  # stopped before writing a last.pt of its own
+            source = continued[-1]["config"]["resume"]
+            raise ConfigError(f"resume=auto: {run_dir} has no last.pt, but its training continued "
+                              f"{last if source == 'auto' else source} at step {continued[-1]['from_step']} "
+                              f"(segments.jsonl): continue from that checkpoint with resume=PATH, not from step 0")
     if resume not in (None, "auto") and written and Path(resume).expanduser().resolve() != last.resolve():
         raise ConfigError(f"resume: {run_dir} already holds a run's {', '.join(written)}; continuing {resume} there "
                           f"would mix two runs: choose a new run_dir for it")
@@ -211,9 +212,10 @@ def check_inputs(cfg: dict, folds: list[int]) -> None:
         fold_classes(cfg, labels, fold)
     network = build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
     transform = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
+    image, _ = tests[0].with_transform(transform)[0]
     try:  # one test image: e.g. tiny_cnn's one channel and RGB photos fail here, not at the first step
         with torch.no_grad():
-            network.eval()(tests[0].with_transform(transform)[0][0][None])
+            network.eval()(image[None])
     except RuntimeError as err:
         raise ConfigError(f"config keys model.backbone and data.transform: {mc['backbone']} "
                           f"(backbone_kwargs {mc['backbone_kwargs']}) cannot take the images of data.transform "

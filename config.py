@@ -465,10 +465,9 @@ def validate_config(cfg: dict, defaults: dict) -> dict:
         _check_type(key, value, defaults[key])
         _check_value(key, value)
     _check_kwargs("loss.params", cfg["loss"]["params"], losses.LOSSES[cfg["loss"]["name"]])
-    if isinstance(cfg["model"]["backbone_kwargs"], dict) and "fold_bn" in cfg["model"]["backbone_kwargs"]:
-        # build_model passes model.fold_bn to BN-Inception: a second way to set it would be overridden silently
-        raise ConfigError("config key model.backbone_kwargs.fold_bn: set model.fold_bn (true, false or auto) instead")
     _check_kwargs("model.backbone_kwargs", cfg["model"]["backbone_kwargs"], model.BACKBONES[cfg["model"]["backbone"]])
+    if "fold_bn" in cfg["model"]["backbone_kwargs"]:  # build_model gives BN-Inception model.fold_bn, whatever is here
+        raise ConfigError("config key model.backbone_kwargs.fold_bn: set model.fold_bn (true, false or auto) instead")
     if cfg["method"] in PROXY_BASELINES:
         baseline = PROXY_BASELINES[cfg["method"]]
         _check_kwargs("baseline.params", cfg["baseline"]["params"], baseline)

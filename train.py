@@ -54,8 +54,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
     if not r.resumed:
         r.ccp.start()  # P ← select(pool(θ), initial = 0, K)
     if not r.last_path.exists():  # from here on a kill leaves a last.pt that resume=auto continues exactly
-        check_finite_state(r)
-        r.save(r.last_path)
+        save_last(r)
     E = cfg["train"]["eval_every"]
     while r.step < cfg["train"]["max_steps"] and not r.stopper.stopped:
         r.sampler.set_epoch(r.step // E, r.step % E)  # an epoch is one validation interval
@@ -67,8 +66,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
             if r.step >= cfg["train"]["max_steps"]:
                 break
         if r.step % E:  # stopped between two validations: save, so that resuming stays exact
-            check_finite_state(r)  # last.pt only ever holds a finite state
-            r.save(r.last_path)
+            save_last(r)
             break
         score, record = validate(r)  # every E steps: validation MAP@R on the held-out classes (PAPER.md §6)
         if r.stopper.update(score):  # improved: the overall best (θ, P) is what is tested at the end
@@ -237,6 +235,12 @@ def check_finite_state(r: build.Run) -> None:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteError(f"{owner} tensor {name} holds NaN or inf at step {r.step}; training stopped, "
                                      f"{last_good_state(r)}")
+
+
+def save_last(r: build.Run) -> None:
+    """last.pt, which only ever holds a finite state."""
+    check_finite_state(r)
+    r.save(r.last_path)
 
 
 def last_good_state(r: build.Run) -> str:
