@@ -984,9 +984,12 @@ def check(name: str, root: str | os.PathLike | None, workers: int = 8) -> list[s
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download or check a retrieval benchmark (docs/DATASETS.md).")
-    parser.add_argument("command", choices=("download", "check"))
-    parser.add_argument("name", choices=sorted(SPLITS))
-    parser.add_argument("--root", default="data", help="folder the archive is (or will be) extracted into")
+    parser.add_argument("command", choices=("download", "check"),
+                        help="download: fetch, verify and extract the archive (cub, sop; the others print how to get "
+                             "them); check: verify the layout and decode every image")
+    parser.add_argument("name", choices=sorted(SPLITS), help="the dataset (folder: your own images under --root)")
+    parser.add_argument("--root", default="data", help="folder the archive is (or will be) extracted into; for "
+                                                       "folder, the folder of class folders (default: data)")
     parser.add_argument("--url", help="download from this address instead (a mirror)")
     parser.add_argument("--md5", help="expected MD5 of the archive instead of the one in docs/DATASETS.md")
     args = parser.parse_args(argv)
