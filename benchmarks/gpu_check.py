@@ -426,11 +426,12 @@ class StepCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> StepCounter:
-        # .tolist() and .numpy() of a CPU tensor read its memory without dispatching an operation
+        # .tolist() and .numpy() read a tensor on the host: a CPU tensor's memory without dispatching an operation,
+        # a device tensor's through a copy (_to_copy, which no name in WAITING_OPS matches): counted here, once
         self.patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
         for name, method in self.patched.items():
             def counted(tensor, *args, _method=method, **kwargs):
-                self.host_reads += tensor.device.type == "cpu"  # a device tensor's copy to the host is dispatched
+                self.host_reads += 1
                 return _method(tensor, *args, **kwargs)
             setattr(torch.Tensor, name, counted)
         return super().__enter__()
@@ -461,6 +462,7 @@ def timed_step(v: dict) -> float:
 def timed_network(v: dict) -> float:
     """The network's forward and backward alone on the step's batch: the floor under a step."""
     network = v["run"].network
+    network.zero_grad(set_to_none=True)  # as a step starts: no accumulation into the last step's gradients
     synchronize(v["run"].device)
     start = time.perf_counter()
     network(v["inputs"]).sum().backward()
@@ -876,6 +878,7 @@ def check(device: str, scale: Scale, workdir: Path, workers: int, save: Callable
               f"{'identical' if entry['identical'] else found[0]}", file=sys.stderr, flush=True)
         save(report)
 
+    save(report)  # the machine and its settings, before the first section
     weights, layout, listing = section("inputs", lambda: generate_inputs(scale, workdir))
     runs = workdir / "runs"
     overrides = {method: run_overrides(method, scale, layout, weights, device, workers) for method in METHOD_CONFIGS}

@@ -191,6 +191,9 @@ def test_step_counter_counts_host_reads_and_operations_that_do_work():
     with gpu_check.StepCounter() as counter:
         x.sum(), x[1:3], x.view(2, 3), x.t(), (x * 2 + 1).exp(), x.detach()
     assert counter.ops == 4 and counter.host_reads == 0  # sum, mul, add, exp; four views
+    with gpu_check.StepCounter() as counter, pytest.raises(NotImplementedError):
+        torch.zeros(3, device="meta").tolist()  # not a CPU tensor: read through a copy, as from a GPU
+    assert counter.host_reads == 1
 
 
 def test_projection_follows_its_stated_model():
