@@ -297,7 +297,8 @@ class Progress:
         rate = (step - self.first_step) / max(now - self.start, 1e-9)
         latest = self.total - step
         earliest = min(latest, max(0, self.steps_to_stop(step)))
-        print(f"{self.prefix}step {step:>6}/{self.total} | loss {loss:.4f} | {rate * self.batch:7.1f} img/s "
+        shown = f"{loss:.4f}" if math.isfinite(loss) else "  --  "  # nan: no step taken yet (a guard stops on nan)
+        print(f"{self.prefix}step {step:>6}/{self.total} | loss {shown} | {rate * self.batch:7.1f} img/s "
               f"| ends in {duration(earliest / rate if rate else math.nan)} (if no new best) to "
               f"{duration(latest / rate if rate else math.nan)} (max_steps) | {status}", flush=True)
 

@@ -127,6 +127,7 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
                                                    "model.fold_bn": on_cpu(cfg["model"]["fold_bn"], device),
                                                    "data.num_workers": workers})
     if r.resumed:
+        r.status = f"resumed at step {r.step}"
         r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
         changed = changed_settings(state["config"], cfg)
         if changed:

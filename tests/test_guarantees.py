@@ -416,13 +416,17 @@ def test_a_start_that_fails_before_training_leaves_nothing_that_blocks_the_corre
 
 
 def test_the_progress_line_shows_days_and_both_ends_of_a_run(capsys, monkeypatch):
-    clock = iter([0.0, 0.0, 100.0])  # construction, first step, 100 s later
+    clock = iter([0.0, 0.0, 100.0, 200.0, 200.0])  # construction, first step, 100 s later; then a second line
     monkeypatch.setattr(bookkeeping.time, "time", lambda: next(clock))
     progress = bookkeeping.Progress(2_500_000, 0.0, 32, "", steps_to_stop=lambda step: 60 * 250 - step % 250)
     progress.update(1000, 0.5, "val")
     progress.update(1100, 0.5, "val")  # 1 step/s: max_steps is 2,498,900 s away = 28d 22:08:20
     line = capsys.readouterr().out.splitlines()[-1]
     assert "ends in 04:08:20 (if no new best) to 28d 22:08:20 (max_steps)" in line, line
+    # a resumed run before its first step has no loss yet: shown as --, not as nan
+    resumed = bookkeeping.Progress(600, 0.0, 32, "", steps_to_stop=lambda step: 0)
+    resumed.update(460, float("nan"), "resumed at step 460", force=True)
+    assert capsys.readouterr().out.startswith("step    460/600 | loss   --   |")
 
 
 def test_the_report_hint_names_the_interpreter_that_ran(trained, capsys):
