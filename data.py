@@ -463,8 +463,8 @@ def _read_folder(root: Path, split: str) -> tuple[list[str], list[int], list[str
     root/<class>/..., the classes sorted by name, the first half (rounded up) train, the rest test.
     """
     if not root.is_dir():
-        raise FileNotFoundError(f"folder: root folder {root} does not exist; set dataset.root to the folder that "
-                                f"holds one folder per class (DIR/<class>/<image>)")
+        raise FileNotFoundError(f"folder: root folder {root} does not exist; set dataset.root (data.py: --root) to "
+                                f"the folder that holds one folder per class (DIR/<class>/<image>)")
     entries = sorted((entry for entry in os.scandir(root) if not _skipped(entry.name)), key=lambda e: e.name)
     folders = [entry.name for entry in entries if entry.is_dir()]
     if {"train", "test"} <= set(folders):

@@ -1138,7 +1138,8 @@ def _classes(root, counts):
 
 
 @pytest.mark.parametrize("make, pattern", [
-    (lambda root: None, r"root folder .*nowhere does not exist; set dataset.root to the folder that holds one"),
+    (lambda root: None,
+     r"root folder .*nowhere does not exist; set dataset.root \(data.py: --root\) to the folder that holds one"),
     (lambda root: root.mkdir(), r"nowhere holds neither image files nor class folders"),
     (lambda root: (_classes(root, dict.fromkeys("abcd", 2)), save_image(root / "loose.jpg", "jpeg")),
      r"folder: .*nowhere holds images itself \(loose.jpg\); expected one folder per class"),
