@@ -154,6 +154,15 @@ def test_cosine_separates_directions_that_inner_products_near_1_do_not():
         assert retrieval_metrics(query, [0], gallery, [1, 0], recall_ks=(1,), metric="cosine")["P@1"] == 1.0
 
 
+def test_minus_zero_and_zero_are_one_embedding():
+    # [-0, 0] (the query's class) and [0, 0] (another) are the same point: P@1 = 1/2 as for any tie of two,
+    # whatever lies between their bytes (2**-125: 0x01 in the top byte of the first float) and however ordered
+    gallery = np.array([[-0.0, 0.0], [0.0, 0.0], [2.0 ** -125, 5.0]], np.float32)
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        metrics = retrieval_metrics([[1.0, 0.0]], [0], gallery[order], np.array([0, 1, 1])[order], recall_ks=(1,))
+        assert metrics["P@1"] == 0.5
+
+
 # ----------------------------------------------------------------------------- hand-built cases
 
 def test_hand_computed_map_at_r_with_r_above_max_recall_k():

@@ -152,6 +152,22 @@ def test_update_order_matches_the_authors(tmp_path):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method, proxy_lr", [("ccp", 1e-5), ("proxy_anchor", 1e-3), ("softtriple", 1e-3)])
+def test_the_proxies_are_decayed_and_a_baseline_s_learn_100_times_faster(method, proxy_lr):
+    """PAPER.md §2: the coupled decay 1e-4 covers the proxies; §4: the proxy baselines' proxies learn at
+    100 x the network's rate (CCP's at 1 x); BatchNorm's weights are not decayed."""
+    cfg = train.load_config(DIGITS, [f"method={method}", "train.lr=1.0e-5", "model.freeze_bn=false"])
+    net = build.build_network(cfg, 0, torch.device("cpu"))
+    objective = build.build_objective(cfg, 4, cfg["model"]["embedding_dim"], seed=0)
+    groups = build.build_optimizer(cfg, net, objective).param_groups
+    batchnorm = {id(p) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters()}
+    proxies = {id(p) for p in objective.parameters()}
+    settings = {(id(p), g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert settings == {(id(p), proxy_lr if id(p) in proxies else 1e-5, 0.0 if id(p) in batchnorm else 1e-4)
+                        for p in [*net.parameters(), *objective.parameters()]}
+
+
 def test_train_step_queues_backward_and_the_pull_before_it_reads_the_loss(monkeypatch):
     """The one host read of a step comes after everything but the update is queued (a GPU keeps busy),
     and a non-finite loss still stops the step before any weight changes."""
@@ -169,6 +185,12 @@ def test_train_step_queues_backward_and_the_pull_before_it_reads_the_loss(monkey
                          lambda: events.append("pull"))
     assert events == ["pull", "read", "pull", "read"]
     assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))  # this one did not
+
+
+def test_a_pool_smaller_than_k_is_enlarged_to_b_times_k(tmp_path):
+    """PAPER.md §5: the authors draw b·K candidates per class when b < K (here b = 2, K = 4: 8)."""
+    run_digits(tmp_path, "run", "train.max_steps=1", "ccp.pool_size=2")
+    assert read_log(tmp_path / "run" / "metrics.jsonl")[0]["selection"]["pool_size"] == 8
 
 
 def test_digits_run_converges_instances_and_reselects_proxies(digits_run):
