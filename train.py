@@ -34,8 +34,8 @@ import config
 import evaluate
 import projection
 import selection
-from bookkeeping import (RunLock, append_jsonl, check_run_dir, git_commit, holds_results, load_checkpoint, print_results,
-                         save_json, save_npz, summarize, write_config_once)
+from bookkeeping import (RunLock, append_jsonl, check_run_dir, git_commit, holds_results, interpreter, load_checkpoint,
+                         print_results, save_json, save_npz, summarize, write_config_once)
 from config import DEFAULTS, ConfigError
 
 
@@ -534,7 +534,7 @@ def continue_command(argv: list[str], cfg: dict | None) -> str:
     same = cfg is None or cfg["eval_only"] or (
         cfg["resume"] not in (None, "auto") and not any(run_directory(cfg).rglob("last.pt")))
     args = argv if same else [arg for arg in argv if not arg.startswith("resume=")] + ["resume=auto"]
-    return shlex.join(["python", "train.py", *args])
+    return shlex.join([interpreter(), "train.py", *args])
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ def test_ctrl_c_exits_130_and_names_the_command_that_continues(trained, tmp_path
         last = torch.load(run / "last.pt", weights_only=True)
         assert last["step"] == 10 and all(torch.equal(last["model"][k], v) for k, v in reference["model"].items())
     args = shlex.split(command)  # quoted where an argument holds a space
-    assert args[:2] == ["python", "train.py"]
+    assert Path(args[0]).resolve() == Path(sys.executable).resolve() and args[1] == "train.py"  # this Python
     assert train.main(args[2:]) == 0  # the printed command continues the run to the end
     assert torch.load(run / "last.pt", weights_only=True)["step"] == steps
     initial = [r for r in read_log(run / "metrics.jsonl") if r["step"] == 0]
