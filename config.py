@@ -1,6 +1,7 @@
 """Reading and validating a run's YAML config: `base:` files, `key=value` overrides, and checks.
 
-DEFAULTS lists every key with the paper's value (PAPER.md §2, §7); the rest turns a
+DEFAULTS lists every key with the paper's value (PAPER.md §2, §7; repeats, the warm-up and XBM's memory,
+which the paper sets per dataset, are set in configs/base_*.yaml and the baselines' configs); the rest turns a
 file and overrides into a validated config, before any work starts: every key known (an unknown one
 gets a did-you-mean), every value of its type, among its CHOICES or within its RANGES, keyword-argument
 mappings checked against the signature of the function they are passed to (names, and the values of

@@ -188,7 +188,7 @@ def test_proxy_nca_plus_plus_matches_authors(batch):
 @pytest.mark.parametrize("where", ["in", "out"])
 def test_soft_triple_matches_authors(params, where):
     # C = 4 classes × their shipped K = 10 centres, all inside or all outside the unit ball; their
-    # SoftTriple ran with proxies as anchors and cosine (the shipped head cannot run it, PAPER.md §7)
+    # SoftTriple ran with proxies as anchors and cosine (the shipped head cannot run a batch of 32: make_golden.py)
     la, gamma, tau, margin = SOFTTRIPLE[params]
     C, K, d = 4, 10, 8
     x, y, centres = golden("st_x"), golden("st_y"), golden(f"st_centres_{where}")
