@@ -193,6 +193,24 @@ def test_a_pool_smaller_than_k_is_enlarged_to_b_times_k(tmp_path):
     assert read_log(tmp_path / "run" / "metrics.jsonl")[0]["selection"]["pool_size"] == 8
 
 
+def test_pool_embeds_each_candidate_under_its_own_augmentation_seed_of_the_instance(tmp_path):
+    """pool(θ) (PAPER.md §5): candidate k of instance t is augmented with the k-th value of the documented
+    stream SeedSequence([seed, t]) (uint64 >> 1) and embedded raw in inference mode; another instance
+    draws other augmentations."""
+    cfg = train.load_config(DIGITS, [f"run_dir={tmp_path}"])
+    r = build.training_run(cfg, 0, 3, tmp_path / "model", "", train.CCP)
+    indices = [5, 0, 5, 17]  # a repeated image gets two draws
+    seeds = np.random.SeedSequence([3, 2]).generate_state(len(indices), np.uint64) // 2
+    r.network.eval()
+    with torch.no_grad():
+        expected = r.network(torch.stack([r.splits["fit"][(i, int(s))][0] for i, s in zip(indices, seeds)]))
+    r.network.train()
+    pooled = train.embed_augmented(r, indices, 2)
+    assert torch.equal(pooled, expected)
+    assert not torch.equal(pooled[0], pooled[2])  # the same image, two augmentations
+    assert not torch.equal(train.embed_augmented(r, indices, 1), pooled)
+
+
 def test_digits_run_converges_instances_and_reselects_proxies(digits_run):
     log = read_log(digits_run / "metrics.jsonl")
     evaluations = [r for r in log if "val" in r]
