@@ -191,10 +191,6 @@ class Proxies(nn.Module):
         self.weight = nn.Parameter(_random_proxies(num_classes * per_class, dim, generator))
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(per_class))
 
-    def per_class(self) -> Tensor:
-        """The (C, K, d) view of `weight` that proxy selection works with."""
-        return self.weight.view(self.num_classes, self.proxies_per_class, self.dim)
-
     @torch.no_grad()
     def reset(self, new_weight: Tensor) -> None:
         """Copy new proxies, (C·K, d) or (C, K, d), into the existing Parameter: the optimiser keeps

@@ -162,5 +162,7 @@ class EarlyStopping:
 
 
 def host_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A host-memory copy of a module's state (θ*, P*): the training device holds only θ_anchor."""
+    """A host-memory copy of a module's state_dict, buffers included (θ*, P*): the training device holds only
+    θ_anchor. ProximalAnchor.anchor takes its trainable entries: [copy[name] for name, p in
+    module.named_parameters() if p.requires_grad]."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

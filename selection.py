@@ -53,6 +53,12 @@ def greedy_k_center(
     ranks like the authors' squared one; ties go to the lowest index; no candidate is picked twice.
     """
     _check_finite("greedy_k_center", candidates=candidates, initial=initial)
+    if candidates.dim() not in (2, 3) or initial is not None and (
+            initial.dim() != candidates.dim() or initial.shape[:-2] != candidates.shape[:-2]
+            or initial.shape[-1] != candidates.shape[-1]):
+        raise ValueError(f"greedy_k_center: expected candidates (C, b, d) with initial (C, m, d), or (b, d) with "
+                         f"(m, d), got {tuple(candidates.shape)} and "
+                         f"{None if initial is None else tuple(initial.shape)}")
     single = candidates.dim() == 2
     if single:
         candidates, initial = candidates[None], None if initial is None else initial[None]
@@ -93,6 +99,10 @@ def covering_radius(
     Points go max_chunk_elements (points x centers x d) at a time: no N x M matrix is ever built.
     """
     _check_finite("covering_radius", points=points, centers=centers)
+    if (labels.shape, center_labels.shape, centers.shape[1:]) != (points.shape[:1], centers.shape[:1], points.shape[1:]):
+        raise ValueError(f"covering_radius: expected points (N, d), labels (N,), centers (M, d), center_labels (M,), "
+                         f"got {tuple(points.shape)}, {tuple(labels.shape)}, {tuple(centers.shape)}, "
+                         f"{tuple(center_labels.shape)}")
     classes, class_of_point = torch.unique(labels, return_inverse=True)
     missing = classes[~torch.isin(classes, center_labels)]
     if len(missing):

@@ -366,6 +366,13 @@ def test_non_finite_input_is_rejected(call, message):
 @pytest.mark.parametrize("call, message", [
     (lambda: greedy_k_center(torch.randn(3, 4, 2), 5), r"need 1 <= k <= pool size b = 4, got k = 5"),
     (lambda: greedy_k_center(torch.randn(3, 4, 2), 0), r"need 1 <= k <= pool size b = 4, got k = 0"),
+    # P* as (C·K, d) beside (C, b, d) pools would be one set shared by every class: refused
+    (lambda: greedy_k_center(torch.randn(3, 4, 2), 2, torch.randn(6, 2)),
+     r"expected candidates \(C, b, d\) with initial \(C, m, d\), or \(b, d\) with \(m, d\), got \(3, 4, 2\) and \(6, 2\)"),
+    (lambda: greedy_k_center(torch.randn(3, 4, 2), 2, torch.randn(2, 2, 2)), r"got \(3, 4, 2\) and \(2, 2, 2\)"),
+    (lambda: greedy_k_center(torch.randn(4, 2), 2, torch.randn(1, 3)), r"got \(4, 2\) and \(1, 3\)"),
+    (lambda: covering_radius(torch.randn(4, 2), torch.tensor([0, 0, 1]), torch.randn(2, 2), torch.tensor([0, 1])),
+     r"expected points \(N, d\), labels \(N,\), .* got \(4, 2\), \(3,\), \(2, 2\), \(2,\)"),
     (lambda: select_proxies(torch.randn(3, 5, 2), torch.randn(7, 2), 2), r"\(C·K', d\) = \(3·K', 2\), got \(7, 2\)"),
     (lambda: select_proxies(torch.randn(3, 5, 2), torch.randn(6, 4), 2), r"\(C·K', d\) = \(3·K', 2\), got \(6, 4\)"),
     (lambda: covering_radius(torch.randn(3, 2), torch.tensor([0, 3, 1]), torch.randn(4, 2), torch.tensor([0, 0, 1, 1])),
