@@ -95,13 +95,7 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
     objective = build_objective(cfg, fit.num_classes, mc["embedding_dim"], seed)
     if objective is not None:
         objective.to(device)
-    memory = None
-    if cfg["method"] == "xbm":
-        size = cfg["baseline"]["xbm_memory_batches"] * dc["classes_per_batch"] * dc["samples_per_class"]
-        memory = losses.CrossBatchMemory(losses.LOSSES[cfg["loss"]["name"]], mc["embedding_dim"], size,
-                                         normalize=normalizer(cfg), start=cfg["baseline"]["xbm_start_step"],
-                                         include_batch=cfg["baseline"]["xbm_include_batch"],
-                                         **cfg["loss"]["params"]).to(device)
+    memory = build_memory(cfg, device)
     sampler = data.MPerClassSampler(fit.labels, dc["samples_per_class"], dc["classes_per_batch"], tc["eval_every"],
                                     seed, order=dc["sampler"], refill=dc["refill"])
     workers = loader_workers(cfg)
@@ -127,19 +121,36 @@ def training_run(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str, me
                                                    "model.fold_bn": on_cpu(cfg["model"]["fold_bn"], device),
                                                    "data.num_workers": workers})
     if r.resumed:
-        r.status = f"resumed at step {r.step}"
-        r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
-        changed = changed_settings(state["config"], cfg)
-        if changed:
-            r.say(f"warning: this segment runs with {changed} (the checkpoint's differ); config.yaml keeps the "
-                  f"settings the run started with, segments.jsonl records each segment's")
-        if state.get("threads") != torch.get_num_threads():
-            r.say(f"warning: this process computes with {torch.get_num_threads()} threads, the checkpoint was "
-                  f"written with {state.get('threads')}: sums round differently, so the continuation is not "
-                  f"bit-identical to an uninterrupted run (set OMP_NUM_THREADS={state.get('threads')})")
+        say_resumed(r, state)
     r.started = time.time()
     network.train()
     return r
+
+
+def build_memory(cfg: dict, device: torch.device) -> losses.CrossBatchMemory | None:
+    """XBM's cross-batch memory of xbm_memory_batches batches (PAPER.md §4); None for the other methods."""
+    if cfg["method"] != "xbm":
+        return None
+    dc, bc = cfg["data"], cfg["baseline"]
+    return losses.CrossBatchMemory(losses.LOSSES[cfg["loss"]["name"]], cfg["model"]["embedding_dim"],
+                                   bc["xbm_memory_batches"] * dc["classes_per_batch"] * dc["samples_per_class"],
+                                   normalize=normalizer(cfg), start=bc["xbm_start_step"],
+                                   include_batch=bc["xbm_include_batch"], **cfg["loss"]["params"]).to(device)
+
+
+def say_resumed(r: Run, state: dict) -> None:
+    """Where the run continues from, and what makes this segment differ from the checkpoint's."""
+    cfg = r.cfg
+    r.status = f"resumed at step {r.step}"
+    r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
+    changed = changed_settings(state["config"], cfg)
+    if changed:
+        r.say(f"warning: this segment runs with {changed} (the checkpoint's differ); config.yaml keeps the "
+              f"settings the run started with, segments.jsonl records each segment's")
+    if state.get("threads") != torch.get_num_threads():
+        r.say(f"warning: this process computes with {torch.get_num_threads()} threads, the checkpoint was "
+              f"written with {state.get('threads')}: sums round differently, so the continuation is not "
+              f"bit-identical to an uninterrupted run (set OMP_NUM_THREADS={state.get('threads')})")
 
 
 def restore(r: Run, state: dict) -> None:
@@ -333,6 +344,12 @@ def build_splits(cfg: dict, fold: int) -> dict:
 
 def normalizer(cfg: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     return losses.NORMALIZATIONS[cfg["normalization"]]
+
+
+def ensemble_normalizer(cfg: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The fold ensemble's outer normalisation: n(concat(n(f_1), ...)) as the authors (PAPER.md §7), or None:
+    each part L2-normalised as MLRC (evaluation.ensemble: mlrc; a checkpoint older than the key: the authors')."""
+    return normalizer(cfg) if cfg["evaluation"].get("ensemble", "authors") == "authors" else None
 
 
 def build_objective(cfg: dict, num_classes: int, dim: int, seed: int) -> torch.nn.Module | None:

@@ -17,7 +17,7 @@ import inspect
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import yaml
@@ -454,10 +454,10 @@ def _check_combinations(cfg: dict) -> None:
                           f"{cfg['resume'] or 'null'}{why}")
 
 
-def validate_config(cfg: dict, defaults: dict) -> dict:
-    """Every key of cfg known, of its type and valid value, float strings read as floats, no NaN or
-    infinity anywhere; returns cfg."""
-    defaults, flat = flatten(defaults), flatten(cfg)
+def validate_config(cfg: dict) -> dict:
+    """Every key of cfg known (in DEFAULTS), of its type and valid value, float strings read as floats, no NaN
+    or infinity anywhere; returns cfg."""
+    defaults, flat = flatten(DEFAULTS), flatten(cfg)
     for key, value in flat.items():
         if key not in defaults:
             raise _unknown_key(key, value, defaults)
@@ -481,9 +481,9 @@ def validate_config(cfg: dict, defaults: dict) -> dict:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str], defaults: dict) -> dict:
-    """defaults <- the file (with its bases) <- `key=value` overrides, validated."""
-    cfg = _merge(defaults, _read_yaml(Path(path)))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """DEFAULTS <- the file (with its `base:` files) <- `key=value` overrides, validated."""
+    cfg = _merge(DEFAULTS, _read_yaml(Path(path)))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -494,6 +494,6 @@ def load_config(path: str | Path, overrides: list[str], defaults: dict) -> dict:
             raise ConfigError(f"override {item!r}: {err}") from None
         _set_dotted(cfg, key, value)
     try:
-        return validate_config(cfg, defaults)
+        return validate_config(cfg)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

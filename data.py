@@ -857,23 +857,23 @@ Put Eval/list_eval_partition.txt and Img/img.zip under --root, unzip Img/img.zip
 }
 
 
-def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex MD5 of a file, read in chunks (archives are gigabytes)."""
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex MD5 of a file, read a MiB at a time (archives are gigabytes)."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
+        while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def download(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: float = 60.0) -> Path:
+def download(url: str, dest: str | os.PathLike, md5: str, timeout: float = 60.0) -> Path:
     """Download url to dest, resuming a partial `dest.part` with an HTTP Range request.
 
     The MD5 is checked before the file takes its final name; on a mismatch the partial file is
     deleted and ValueError raised. An existing dest with the right MD5 is kept as is.
     """
     dest = Path(dest)
-    if dest.exists() and md5 is not None and file_md5(dest) != md5:
+    if dest.exists() and file_md5(dest) != md5:
         raise ValueError(f"download: {dest} exists but its MD5 is not {md5}; delete it to download again")
     if dest.exists():
         return dest
@@ -890,11 +890,10 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, timeout:
     except urllib.error.HTTPError as err:
         if not (err.code == 416 and offset > 0):  # 416: nothing left to fetch, the .part is complete
             raise
-    if md5 is not None:
-        got = file_md5(part)
-        if got != md5:
-            part.unlink()
-            raise ValueError(f"download: MD5 of {url} is {got}, expected {md5}; deleted {part}, run again")
+    got = file_md5(part)
+    if got != md5:
+        part.unlink()
+        raise ValueError(f"download: MD5 of {url} is {got}, expected {md5}; deleted {part}, run again")
     os.replace(part, dest)
     return dest
 

@@ -20,10 +20,8 @@ import numpy as np
 import torch
 
 import build
-import config
 import data
 import evaluate
-import losses
 import model
 from bookkeeping import load_checkpoint, make_deterministic, save_json, save_npz
 
@@ -170,7 +168,7 @@ class Stacked(torch.nn.Module):
 def saved_network(state: dict, path: Path, device: torch.device) -> model.EmbeddingModel:
     """The checkpoint's network as train.evaluate_saved builds it (build.saved_network: the layout it trained in)."""
     try:
-        return build.saved_network(state, device, default_layout=config.DEFAULTS["model"]["channels_last"])
+        return build.saved_network(state, device)
     except RuntimeError as err:
         raise InputError(f"{path}: its weights do not fit the network its config describes: "
                          f"{str(err).splitlines()[0]}") from None
@@ -193,12 +191,8 @@ def embed_images(stacked: Stacked, cfg: dict, images: Images, device: torch.devi
     loader = torch.utils.data.DataLoader(dataset_of(images, cfg), batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     raw = evaluate.embed(stacked, loader, device)[0]  # (N, models, d)
-    normalize = losses.NORMALIZATIONS[cfg["normalization"]]
-    parts = [normalize(raw[:, i].contiguous()) for i in range(raw.shape[1])]  # n(f_i): train.embed_normalized
-    if len(parts) == 1:
-        return parts[0].numpy()
-    authors = cfg["evaluation"].get("ensemble", "authors") == "authors"  # as train.ensemble_metrics
-    return evaluate.ensemble(parts, normalize if authors else None).numpy()
+    parts = [build.normalizer(cfg)(raw[:, i].contiguous()) for i in range(raw.shape[1])]  # train.embed_normalized
+    return parts[0].numpy() if len(parts) == 1 else evaluate.ensemble(parts, build.ensemble_normalizer(cfg)).numpy()
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -226,27 +226,19 @@ class CandidateStream:
         self.refill = state["refill"]
 
 
-def candidate_pool(
-    embed_fn: Callable[[list[int]], torch.Tensor],
-    drawn: Sequence[Sequence[int]],
-    batch_size: int = 256,
-) -> torch.Tensor:
+def candidate_pool(embed_fn: Callable[[list[int]], torch.Tensor], drawn: Sequence[Sequence[int]]) -> torch.Tensor:
     """The (C, b, d) pools: pool c holds the raw embeddings f(x) of the images drawn[c].
 
     drawn[c] lists b dataset indices of class c, the same b for every class (e.g.
     CandidateStream.draw(b)). embed_fn(list_of_n_indices) must return their embeddings as an (n, d)
     tensor (the caller applies the training augmentation with the network in eval mode, as the
-    authors do); it is called under torch.no_grad() with at most batch_size indices at a time.
+    authors do, and batches as it needs); it is called once, with every index, under torch.no_grad().
     """
     b = len(drawn[0])
     if any(len(indices) != b for indices in drawn):
         raise ValueError(f"candidate_pool: every class needs the same pool size, got {[len(i) for i in drawn]}")
-    flat = [int(i) for indices in drawn for i in indices]
-    embeddings = []
     with torch.no_grad():
-        for start in range(0, len(flat), batch_size):
-            embeddings.append(embed_fn(flat[start:start + batch_size]))
-    return torch.cat(embeddings).view(len(drawn), b, -1)
+        return embed_fn([int(i) for indices in drawn for i in indices]).view(len(drawn), b, -1)
 
 
 def select_proxies(

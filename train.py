@@ -30,18 +30,12 @@ import torch
 import torch.distributed as dist
 
 import build
-import config
 import evaluate
 import projection
 import selection
 from bookkeeping import (RunLock, append_jsonl, check_run_dir, git_commit, holds_results, interpreter, load_checkpoint,
                          print_results, save_json, save_npz, summarize, write_config_once)
-from config import DEFAULTS, ConfigError
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """DEFAULTS <- the file (with its `base:` files) <- `key=value` overrides, validated (config.py)."""
-    return config.load_config(path, list(overrides), DEFAULTS)
+from config import ConfigError, load_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +164,8 @@ class CCP:
         current network in inference mode with the training augmentation: raw f(x), (C, b, d)."""
         b, K = self.settings["pool_size"], self.settings["proxies_per_class"]
         b = b * K if b < K else b  # the authors enlarge a pool smaller than K to b·K (PAPER.md §5)
-        drawn = self.candidates.draw(b)
-        return selection.candidate_pool(lambda indices: embed_augmented(self.r, indices, self.instance), drawn,
-                                        batch_size=len(drawn) * b)
+        return selection.candidate_pool(lambda indices: embed_augmented(self.r, indices, self.instance),
+                                        self.candidates.draw(b))
 
     def select(self, initial: torch.Tensor | None, apply: bool = True) -> dict:
         """P ← select(pool(θ), initial, K): greedy k-center per class from `initial` (P*, or 0 at the start)."""
@@ -359,18 +352,15 @@ def test_metrics(cfg: dict, embedded: dict[str, tuple]) -> dict[str, float]:
 # The protocol: folds, 512-D ensemble, repeats (PAPER.md §7), and evaluating a checkpoint.
 
 def ensemble_metrics(cfg: dict, parts: list[dict[str, tuple]]) -> dict[str, float]:
-    """Metrics of the fold models' embeddings as one: n(concat(n(f_1), ...)) as the authors (PAPER.md §7),
-    or each part L2-normalised as MLRC (evaluation.ensemble: mlrc)."""
-    normalize = build.normalizer(cfg) if cfg["evaluation"]["ensemble"] == "authors" else None
+    """Metrics of the fold models' embeddings as one (build.ensemble_normalizer, PAPER.md §7)."""
+    normalize = build.ensemble_normalizer(cfg)
     joined = {name: (evaluate.ensemble([p[name][0] for p in parts], normalize), parts[0][name][1])
               for name in parts[0]}
     return test_metrics(cfg, joined)
 
 
 def run_directory(cfg: dict) -> Path:
-    """run_dir with ~ expanded; empty is refused, as it would write into the current directory."""
-    if not str(cfg["run_dir"]).strip():
-        raise ConfigError("config key run_dir: empty; name the folder that will hold the run")
+    """run_dir with ~ expanded (config.py refuses an empty one, which would write into the current directory)."""
     return Path(cfg["run_dir"]).expanduser()
 
 

@@ -149,7 +149,7 @@ def test_every_key_of_defaults_has_a_rule_and_every_rule_a_key():
 
 
 def test_the_defaults_themselves_are_valid():
-    cfg = config.validate_config(copy.deepcopy(config.DEFAULTS), config.DEFAULTS)
+    cfg = config.validate_config(copy.deepcopy(config.DEFAULTS))
     assert cfg == config.DEFAULTS
 
 

@@ -190,12 +190,11 @@ class RecordingEmbedder:
 def test_candidate_pool_embeds_the_drawn_indices_class_major():
     drawn = [[10, 11, 12], np.array([20, 21, 20]), (30, 31, 32)]  # a class may repeat an image
     embed = RecordingEmbedder()
-    pools = candidate_pool(embed, drawn, batch_size=4)
+    pools = candidate_pool(embed, drawn)
     assert pools.shape == (3, 3, 2)
     assert pools[..., 0].long().tolist() == [[10, 11, 12], [20, 21, 20], [30, 31, 32]]
     assert torch.equal(pools[..., 1], -2 * pools[..., 0])
-    assert [len(batch) for batch in embed.batches] == [4, 4, 1]
-    assert sum(embed.batches, []) == [10, 11, 12, 20, 21, 20, 30, 31, 32]
+    assert embed.batches == [[10, 11, 12, 20, 21, 20, 30, 31, 32]]  # one call: per-call augmentation seeds
 
 
 # ---------------------------------------------------------------------------------------------
