@@ -51,9 +51,11 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
         save_last(r)
     E = cfg["train"]["eval_every"]
     while r.step < cfg["train"]["max_steps"] and not r.stopper.stopped:
-        r.sampler.set_epoch(r.step // E, r.step % E)  # an epoch is one validation interval
-        for inputs, labels in r.loader:  # a batch: m images of each of P classes (8 x 4, PAPER.md §7)
-            # L = w_pair ℓ(batch) + w_proxy ℓ(proxies); grad += λ_t (θ − θ_anchor); one update of (θ, P)
+        # an epoch is one validation interval: the loader yields the E - step % E batches up to the next one
+        r.sampler.set_epoch(r.step // E, r.step % E)
+        for inputs, labels in r.loader:  # a batch: 4 images of each of 8 classes (PAPER.md §7)
+            # L = w_pair ℓ(batch) + w_proxy ℓ(proxies) (r.compute_loss: losses.CCPLoss); grad += λ_t (θ − θ_anchor),
+            # the gradient of the pull, whose value is not added to the logged L; one update of (θ, P)
             r.loss = update(r, inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True))
             r.step += 1
             r.progress.update(r.step, r.loss, r.status)
@@ -125,8 +127,8 @@ class CCP:
                                                     refill=r.cfg["data"]["refill"])
         self.best: dict | None = None  # θ*, P* of the running instance, in host memory
 
-    instance = property(lambda self: self.controller.instance)
-    lam = property(lambda self: self.controller.lam)
+    instance = property(lambda self: self.controller.instance)  # t
+    lam = property(lambda self: self.controller.lam)  # λ_t (the config's projection.lam is λ)
 
     def start(self) -> None:
         """P ← select(pool(θ), initial = 0, K) before the first step (`proxy_init: random` keeps random P)."""
@@ -143,7 +145,7 @@ class CCP:
     def after_validation(self, score: float) -> dict:
         """Keep θ*, P* at the instance's best; once the instance has converged: θ_anchor ← θ*, t ← t + 1,
         λ_t = λ·decay^t, and P ← select(pool(θ), initial = P*, K). Returns additions to the log record."""
-        decision = self.controller.update(score)
+        decision = self.controller.update(score)  # on "converged" it has already set t ← t + 1 and λ_t
         if decision == "improved":
             self.best = {"network": projection.host_copy(self.r.network), "proxies": projection.host_copy(self.proxies)}
         if decision != "converged":
@@ -278,8 +280,9 @@ def embed_augmented(r: build.Run, indices: list[int], instance: int) -> torch.Te
 
 
 def selection_report(r: build.Run, pool: torch.Tensor, start: torch.Tensor, new: torch.Tensor) -> dict:
-    """Covering radius and mean inter-class distance of the proxies k-center starts from (P*, or the current
-    proxies at the start) and of its choice, in the normalised space (PAPER.md §5)."""
+    """Covering radius and mean inter-class distance, in the normalised space (PAPER.md §5), of the proxies before
+    the selection (P*, which k-center starts from; at step 0 the random initial proxies, while k-center starts
+    from the zero vector) and of its choice."""
     n = build.normalizer(r.cfg)
     points = n(pool.reshape(-1, pool.shape[-1]))
     point_labels = torch.arange(pool.shape[0]).repeat_interleave(pool.shape[1])
