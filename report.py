@@ -281,20 +281,22 @@ def draw_validation(ax: plt.Axes, records: list[dict]) -> dict:
     ax.plot(steps[best], scores[best], marker="*", markersize=12, color="C3")
     boundaries = mark_instances(ax, instance_spans(records))
     lam = [(r["step"], r.get("lam", 0.0)) for r in evals]
-    twin = ax.twinx()
-    twin.step(steps, [v for _, v in lam], where="pre", color="C2", linewidth=1)
-    twin.set_ylabel("λ_t", color="C2")
-    twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if any(v for _, v in lam):
+        twin = ax.twinx()
+        twin.step(steps, [v for _, v in lam], where="pre", color="C2", linewidth=1)
+        twin.set_ylabel("λ_t", color="C2")
+        twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.set(xlabel="step", ylabel="validation MAP@R")
     ax.set_title(f"validation MAP@R, best {scores[best]:.4f} at step {steps[best]} (red star)\n"
-                 "instances end at the dashed lines; λ_t in green (right axis)", fontsize=10)
+                 + ("instances end at the dashed lines; λ_t in green (right axis)" if boundaries or any(v for _, v in lam)
+                    else "one problem instance, λ_t = 0 throughout"), fontsize=10)
     return {"best_val_MAP@R": scores[best], "best_step": steps[best], "boundaries": boundaries, "lam": lam}
 
 
 def draw_covering_radius(ax: plt.Axes, records: list[dict]) -> dict:
     """Covering radius of the training pools before (P*) and after each re-selection (PAPER.md §5)."""
     radii = covering_radii(records)
-    ax.set(xlabel="step", ylabel="covering radius (n-space)", title="covering radius at each proxy selection")
+    ax.set(xlabel="step", ylabel="covering radius (n-space)", title="covering radius of k-center's pools")
     if not radii:
         ax.text(0.5, 0.5, "no proxy selection logged", ha="center", va="center", transform=ax.transAxes)
         return {"covering_radius": []}
@@ -321,7 +323,7 @@ def draw_steps_per_instance(ax: plt.Axes, records: list[dict]) -> dict:
                     textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=8)
     ax.margins(y=0.12)  # room above the tallest bar for its number
     ax.set(xlabel="problem instance t", ylabel="steps", title="steps per instance (hatched: did not converge)")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # one bar: tick 0
     return {"steps_per_instance": [s["steps"] for s in spans]}
 
 
@@ -446,17 +448,12 @@ def normalized(x: np.ndarray, name: str) -> torch.Tensor:
     return losses.NORMALIZATIONS[name](torch.as_tensor(np.asarray(x, dtype=np.float64)))
 
 
-def proxy_spread(proxies: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over classes of the mean pairwise distance between a class's proxies (0: they coalesced)."""
-    spreads = []
-    for c in torch.unique(labels):
-        own = proxies[labels == c]
-        k = own.shape[0]
-        if k > 1:
-            spreads.append(float(torch.pdist(own).mean()))  # mean over the k(k-1)/2 pairs
-    if not spreads:
-        raise ValueError("proxy_spread: needs a class with at least 2 proxies")
-    return float(np.mean(spreads))
+def proxy_spread(proxies: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean over classes of the mean pairwise distance between a class's proxies (0: they coalesced); None
+    when no class has two (K = 1)."""
+    spreads = [float(torch.pdist(own).mean()) for own in (proxies[labels == c] for c in torch.unique(labels))
+               if len(own) > 1]  # mean over the k(k-1)/2 pairs
+    return float(np.mean(spreads)) if spreads else None
 
 
 def selection_numbers(sel: dict[str, Any]) -> dict:
@@ -531,8 +528,9 @@ def selection_caption(numbers: dict) -> str:
     lines = []
     for key, what in (("converged", "P* (squares)"), ("next", "next (circles)")):
         if numbers[f"covering_radius_{key}"] is not None:
+            spread = numbers[f"spread_{key}"]
             lines.append(f"{what}: radius {numbers[f'covering_radius_{key}']:.3f}, "
-                         f"spread {numbers[f'spread_{key}']:.3f}")
+                         f"spread {'— (K = 1)' if spread is None else f'{spread:.3f}'}")
     return "\n".join(lines)
 
 
@@ -830,7 +828,9 @@ def report_comparison(run_dirs: list[Path], out: Path, split: str) -> list[Path]
     groups = dict(zip(labels, map(model_dirs, run_dirs)))
     figure_comparison(groups, out / "comparison.png", note="; ".join(f"{t}: {d}" for t, d in zip(labels, run_dirs)))
     written = [out / "comparison.png"]
-    firsts = {label: dirs[0] for label, dirs in groups.items()}
+    # t-SNE draws one model per run: its first (seed, fold), named where the run has several
+    firsts = {label if len(dirs) == 1 else f"{label}, {dirs[0].relative_to(run_dir)}": dirs[0]
+              for (label, dirs), run_dir in zip(groups.items(), run_dirs)}
     if all((d / "embeddings.npz").is_file() for d in firsts.values()):
         figure_tsne(firsts, out / "tsne_comparison.png", split)
         written.append(out / "tsne_comparison.png")

@@ -198,6 +198,15 @@ def test_comparison_of_two_runs(runs, tmp_path):
     assert numbers["single"]["test_MAP@R"] == (single, None)  # one model: no sd
 
 
+def test_tsne_comparison_names_the_model_it_draws_of_a_run_of_several(runs, tmp_path, monkeypatch):
+    folds, drawn = Path(shutil.copytree(runs["folds"], tmp_path / "folds")), {}
+    (folds / "fold0" / "embeddings.npz").touch()  # what report_comparison looks for; figure_tsne is replaced
+    monkeypatch.setattr(report, "figure_tsne", lambda models, path, split: drawn.update(models))
+    report.report_comparison([runs["single"], folds], tmp_path / "out", "val")
+    titles = [report.run_title(d) for d in (runs["single"], folds)]
+    assert drawn == {titles[0]: runs["single"], f"{titles[1]}, fold0": folds / "fold0"}
+
+
 def test_fig1_and_fig2_of_a_real_run(runs, tmp_path):
     panels = report.figure_instances(runs["single"], tmp_path / "fig1.png")
     assert_png(tmp_path / "fig1.png")
@@ -344,9 +353,9 @@ def test_error_bars_only_where_several_models_contribute(runs, tmp_path, drawn):
 
 def write_selection(path: Path, step: int, instance: int, converged, selected, fit, fit_labels, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, step=step, instance=instance, converged_proxies=converged, selected_proxies=selected,
-             proxy_labels=np.repeat(np.arange(2), 3), fit_embeddings=fit, fit_labels=fit_labels,
-             normalization="lipschitz", **extra)
+    np.savez(path, **{"step": step, "instance": instance, "converged_proxies": converged,
+                      "selected_proxies": selected, "proxy_labels": np.repeat(np.arange(2), 3), "fit_embeddings": fit,
+                      "fit_labels": fit_labels, "normalization": "lipschitz", **extra})
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -370,6 +379,20 @@ def test_fig1_panels_carry_brute_force_radius_and_spread(tmp_path, dim):
             expected = covering_radius_reference(lipschitz(fit), fit_labels, lipschitz(p), labels)
             assert panel[f"covering_radius_{key}"] == pytest.approx(expected, rel=1e-9)
             assert panel[f"spread_{key}"] == pytest.approx(spread_reference(lipschitz(p), labels), rel=1e-9)
+
+
+def test_one_proxy_per_class_draws_radii_without_a_spread(tmp_path):
+    """K = 1 (ccp.proxies_per_class: 1) has no pair of proxies in a class: no spread, the radii still drawn."""
+    rng = np.random.default_rng(0)
+    fit, fit_labels = rng.normal(0, 0.8, (40, 2)), np.repeat([0, 1], 20)
+    selected = rng.normal(0, 0.8, (2, 2))
+    path = tmp_path / "run" / "selections" / "step0000000.npz"
+    write_selection(path, 0, 0, np.zeros((2, 2)), selected, fit, fit_labels, proxy_labels=np.arange(2))
+    [panel] = report.figure_instances(tmp_path / "run")
+    assert panel["spread_next"] is None
+    assert panel["covering_radius_next"] == pytest.approx(
+        covering_radius_reference(lipschitz(fit), fit_labels, lipschitz(selected), np.arange(2)), rel=1e-9)
+    assert_png(tmp_path / "run" / "instances.png")
 
 
 def test_coalesced_proxies_have_zero_spread():
