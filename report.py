@@ -281,15 +281,16 @@ def draw_validation(ax: plt.Axes, records: list[dict]) -> dict:
     ax.plot(steps[best], scores[best], marker="*", markersize=12, color="C3")
     boundaries = mark_instances(ax, instance_spans(records))
     lam = [(r["step"], r.get("lam", 0.0)) for r in evals]
-    if any(v for _, v in lam):
+    pulled = any(v for _, v in lam)
+    if pulled:
         twin = ax.twinx()
         twin.step(steps, [v for _, v in lam], where="pre", color="C2", linewidth=1)
         twin.set_ylabel("λ_t", color="C2")
         twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.set(xlabel="step", ylabel="validation MAP@R")
     ax.set_title(f"validation MAP@R, best {scores[best]:.4f} at step {steps[best]} (red star)\n"
-                 + ("instances end at the dashed lines; λ_t in green (right axis)" if boundaries or any(v for _, v in lam)
-                    else "one problem instance, λ_t = 0 throughout"), fontsize=10)
+                 + ("instances end at the dashed lines" if boundaries else "one problem instance")
+                 + ("; λ_t in green (right axis)" if pulled else "; λ_t = 0 throughout"), fontsize=10)
     return {"best_val_MAP@R": scores[best], "best_step": steps[best], "boundaries": boundaries, "lam": lam}
 
 
@@ -795,7 +796,7 @@ def paper_note(config: dict, method: str | None, has_paper: bool, has_ensemble: 
     if not has_ensemble:
         return ("Difference: this run's single-model mean against the paper's 512-D ensemble; the paper says "
                 "128-D single models score about 4-10 points lower (PAPER.md §8).")
-    return f"Difference: this run's ensemble minus the paper's 512-D {method} on {dataset} (PAPER.md §8)."
+    return f"Difference: this run's ensemble minus the paper's 512-D {method} on {dataset_name(config)} (PAPER.md §8)."
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,6 +174,20 @@ def test_command_line_writes_every_figure_and_the_tables(runs, tmp_path, capsys,
         assert_png(path)
 
 
+@pytest.mark.parametrize("lam, instance_line", [
+    (0.0, "one problem instance; λ_t = 0 throughout"),  # a baseline: no λ axis, one instance
+    (2e-4, "instances end at the dashed lines; λ_t in green (right axis)")])
+def test_the_validation_panel_draws_lambda_only_where_it_is_not_zero(tmp_path, drawn, lam, instance_line):
+    converged = f', "selection": {{"pool_size": 7, "covering_radius_before": 0.5, "covering_radius_after": 0.4}}'
+    write_metrics(tmp_path, '{"step": 5, "instance": 0, "lam": 0.0, "val": {"MAP@R": 0.5}}',
+                  '{"step": 10, "instance": 0, "lam": 0.0, "val": {"MAP@R": 0.4}' + (converged if lam else "") + "}",
+                  f'{{"step": 15, "instance": {int(lam > 0)}, "lam": {lam}, "val": {{"MAP@R": 0.6}}}}')
+    report.figure_run(tmp_path)
+    validation = drawn[0].axes[0]
+    assert validation.get_title().endswith(instance_line)
+    assert len(drawn[0].axes) == 4 + (lam > 0)  # the λ_t axis twins the validation panel
+
+
 def test_fold_run_table_has_the_mean_and_the_ensemble_column(runs):
     results = json.loads((runs["folds"] / "results.json").read_text())
     text, rows = report.results_table(runs["folds"])
