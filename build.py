@@ -142,7 +142,9 @@ def say_resumed(r: Run, state: dict) -> None:
     """Where the run continues from, and what makes this segment differ from the checkpoint's."""
     cfg = r.cfg
     r.status = f"resumed at step {r.step}"
-    r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}")
+    ended = r.stopper.stopped or r.step >= cfg["train"]["max_steps"]  # e.g. resume=auto on a finished run
+    r.say(f"resumed from {cfg['resume'] if cfg['resume'] != 'auto' else r.last_path} at step {r.step}"
+          + (", where its training had ended: only the test runs again" if ended else ""))
     changed = changed_settings(state["config"], cfg)
     if changed:
         r.say(f"warning: this segment runs with {changed} (the checkpoint's differ); config.yaml keeps the "

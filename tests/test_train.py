@@ -4,6 +4,7 @@ protocol, and a fake CUB-200-2011 layout trained for a few steps."""
 import functools
 import json
 import math
+import shutil
 import subprocess
 import sys
 import warnings
@@ -259,6 +260,17 @@ def test_the_anchor_is_the_best_weights_of_the_finished_instance(tmp_path):
 def test_two_runs_are_identical_with_or_without_loader_workers(digits_run, tmp_path):
     run_digits(tmp_path, "b", *DIGITS_RUN, "data.num_workers=1")  # augmentation seeded per item
     assert_same_run(digits_run, tmp_path / "b")
+
+
+def test_resume_auto_on_a_finished_run_only_tests_again(digits_run, tmp_path, capsys):
+    run = Path(shutil.copytree(digits_run, tmp_path / "run"))
+    assert train.main([str(DIGITS), f"run_dir={run}", *DIGITS_RUN, "resume=auto"]) == 0
+    assert "at step 20, where its training had ended: only the test runs again" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):  # nothing trained
+        assert (run / name).read_bytes() == (digits_run / name).read_bytes(), name
+    again, before = ({k: v for k, v in json.loads((r / "results.json").read_text()).items() if k != "config"}
+                     for r in (run, digits_run))
+    assert again == before  # the same test (its config says resume=auto)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
