@@ -31,16 +31,29 @@ def test_readme_install_command_uses_requirements():
     assert install and "-r requirements.txt" in install[0]
 
 
-@pytest.mark.parametrize("name", STANDALONE)
-def test_library_files_import_no_other_project_file(name):
-    tree = ast.parse((ROOT / name).read_text())
+def project_imports(name: str) -> set[str]:
+    """The project modules that file `name` imports (anywhere in it)."""
     imported = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse((ROOT / name).read_text())):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not imported & (PROJECT_MODULES - {Path(name).stem}), f"{name} imports {imported & PROJECT_MODULES}"
+    return imported & (PROJECT_MODULES - {Path(name).stem})
+
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_library_files_import_no_other_project_file(name):
+    assert not project_imports(name), f"{name} imports {project_imports(name)}"
+
+
+def test_design_md_lists_what_each_file_imports_from_the_project():
+    rows = re.findall(r"^\| (\w+\.py) \| .* \| ([^|]*) \|$", (ROOT / "docs/DESIGN.md").read_text(), flags=re.M)
+    assert {name for name, _ in rows} == {p.name for p in ROOT.glob("*.py")}
+    for name, listed in rows:
+        if listed.strip() != "all of the above":  # train.py
+            documented = set() if listed.strip() == "nothing" else set(re.findall(r"\w+", listed))
+            assert documented == project_imports(name), f"docs/DESIGN.md's row of {name}"
 
 
 def test_library_files_never_call_cuda_directly():
