@@ -9,6 +9,7 @@ temporary file and a rename, so a crash never leaves a half-written checkpoint, 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -200,11 +201,13 @@ def holds_results(run_dir: Path) -> bool:
 
 class RunLock:
     """An exclusive lock on run_dir for one process (flock on run_dir/.lock, which the kernel releases
-    when the process ends, killed or not); a second process is refused with the holder's name."""
+    when the process ends, killed or not); a second process is refused with the holder's name. Folders it
+    made that hold nothing but the lock when an error leaves it are removed: a refused start leaves no trace."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self.file = None
+        self.made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,12 @@ class RunLock:
         self.file = file
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, error_type, *exc) -> None:
+        if error_type is not None and self.made and [p.name for p in self.made[0].iterdir()] == [".lock"]:
+            self.path.unlink()
+            with contextlib.suppress(OSError):  # stops at the first folder that is not empty (e.g. another's)
+                for folder in self.made:
+                    folder.rmdir()
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 

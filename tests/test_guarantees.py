@@ -233,6 +233,16 @@ def test_an_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_start_refused_after_the_lock_leaves_no_folder_behind(tmp_path, capsys):
+    """The missing dataset is found after run_dir and the model folders were locked (made): they go again."""
+    (tmp_path / "kept").mkdir()
+    for run_dir in (tmp_path / "new" / "run", tmp_path / "kept" / "run"):
+        assert train.main([str(ROOT / "configs" / "cub_ms.yaml"), f"run_dir={run_dir}",
+                           f"dataset.root={tmp_path / 'no_data'}"]) == 1
+        assert "CUB_200_2011" in one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]  # a folder that was there stays
+
+
 @pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl"])
 def test_a_folder_with_a_config_or_a_log_holds_a_run(tmp_path, capsys, name):
     run = tmp_path / "run"
