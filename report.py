@@ -495,7 +495,7 @@ def class_colors(labels: np.ndarray) -> np.ndarray:
 
 def selection_title(numbers: dict) -> str:
     if numbers["final"]:
-        return f"end: best model (instance {numbers['instance']})"
+        return f"end: best model (step {numbers['step']}, instance {numbers['instance']})"
     if numbers["step"] == 0:
         return "step 0: initial k-center"
     return f"step {numbers['step']}: instance {numbers['instance'] - 1} converged"

@@ -66,7 +66,8 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
             break
         score, record = validate(r)  # every E steps: validation MAP@R on the held-out classes (PAPER.md §6)
         if r.stopper.update(score):  # improved: the overall best (θ, P) is what is tested at the end
-            r.best = {"step": r.step, "val_MAP@R": score, "model": projection.host_copy(r.network),
+            r.best = {"step": r.step, "instance": r.ccp.instance, "val_MAP@R": score,
+                      "model": projection.host_copy(r.network),
                       "objective": None if r.objective is None else projection.host_copy(r.objective)}
             r.save(r.best_path)
         # θ*, P* at the instance's best; converged: θ_anchor ← θ*, t ← t + 1, P ← select(pool(θ), P*, K)
@@ -175,8 +176,10 @@ class CCP:
         new = selection.select_proxies(pool, initial, self.settings["proxies_per_class"])
         start = self.proxies.weight.detach().cpu() if initial is None else initial
         report = {"pool_size": pool.shape[1], **selection_report(self.r, pool, start, new)}
-        if self.settings["save_selections"]:
-            save_selection(self.r, torch.zeros_like(new) if initial is None else initial, new, self.instance,
+        if self.settings["save_selections"]:  # finish() records the restored best model's step and instance
+            best = self.r.best if not apply and self.r.best is not None else {}
+            save_selection(self.r, torch.zeros_like(new) if initial is None else initial, new,
+                           best.get("step", self.r.step), best.get("instance", self.instance),
                            f"step{self.r.step:07d}" if apply else "final")
         if apply:
             self.proxies.reset(new.to(self.proxies.weight.device))
@@ -294,14 +297,15 @@ def selection_report(r: build.Run, pool: torch.Tensor, start: torch.Tensor, new:
     return report
 
 
-def save_selection(r: build.Run, converged: torch.Tensor, selected: torch.Tensor, instance: int, name: str) -> None:
+def save_selection(r: build.Run, converged: torch.Tensor, selected: torch.Tensor, step: int, instance: int,
+                   name: str) -> None:
     """selections/NAME.npz: P*, k-center's choice and the raw fit embeddings (labels 0.. within the fit split,
     class_names their names, or labels in the training split), for report.py's Fig. 1."""
     folder = r.dir / "selections"
     folder.mkdir(exist_ok=True)
     loader = eval_loader(r.splits["fit_eval"], r.cfg, r.device)
     fit_embeddings, fit_labels = evaluate.embed(r.network, loader, r.device)
-    arrays = {"step": np.int64(r.step), "instance": np.int64(instance), "normalization": r.cfg["normalization"],
+    arrays = {"step": np.int64(step), "instance": np.int64(instance), "normalization": r.cfg["normalization"],
               "converged_proxies": converged.numpy(), "selected_proxies": selected.numpy(),
               "proxy_labels": r.objective.proxies.labels.cpu().numpy(),
               "fit_embeddings": fit_embeddings.numpy(), "fit_labels": fit_labels.numpy(),

@@ -232,6 +232,9 @@ def test_digits_run_converges_instances_and_reselects_proxies(digits_run):
     assert {"P@1", "P@R", "MAP@R", "R@1", "R@8", "NMI"} <= results["mean"].keys()
     best = torch.load(digits_run / "best.pt", weights_only=False)
     assert best["step"] in [r["step"] for r in evaluations]
+    with np.load(digits_run / "selections" / "final.npz") as final:  # k-center from the tested model's P
+        assert (final["step"], final["instance"]) == next((r["step"], r["instance"]) for r in evaluations
+                                                          if r["step"] == best["step"])
     assert best["config"]["method"] == "ccp" and "git_commit" in best
     saved = yaml.safe_load((digits_run / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 20
