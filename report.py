@@ -590,7 +590,7 @@ def figure_instances(run_dir: Path, path: Path | None = None, files: Sequence[Pa
     where = "" if dim == 2 else f", drawn on their first two principal axes ({dim}-D)"
     note = (f"training embeddings n(f(x)){where} at each proxy selection; radius = covering radius of the training "
             f"images, spread = mean distance between a class's proxies (0: coalesced)\nrun: {run_dir}")
-    finish_figure(fig, f"{run_title(run_dir)}: proxies at each selection (the supplement's Fig. 1)", note,
+    finish_figure(fig, f"{run_title(run_dir)}: proxies at each selection (the supplement's Fig.\u00a01)", note,
                   right=LEGEND_INCHES)
     class_legend(fig, class_names(selections), axes[0, 0].get_position().y1, axes[-1, 0].get_position().y0)
     save_figure(fig, path or run_dir / "instances.png")
@@ -674,7 +674,7 @@ def figure_tsne(runs: dict[str, Path], path: Path, split: str = "val", seed: int
         if points.shape[1] == 2:  # the embedding itself: equal axes, and the unit circle n(x) lives in
             ax.add_patch(plt.Circle((0, 0), 1.0, fill=False, color="0.7", linewidth=0.8))
             ax.set_aspect("equal", adjustable="datalim")
-        method = "2-D embedding" if points.shape[1] == 2 else f"t-SNE of {points.shape[1]}-D (seed {seed})"
+        method = "2-D embedding" if points.shape[1] == 2 else f"t-SNE of {points.shape[1]}-D (t-SNE seed {seed})"
         ax.set_title(f"{label}\n{split} embeddings, {method}", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
         n = numbers[label]
@@ -683,7 +683,7 @@ def figure_tsne(runs: dict[str, Path], path: Path, split: str = "val", seed: int
     title = " vs ".join(dict.fromkeys(run_title(d) for d in runs.values()))
     note = ("numbers computed in the embedding space n(f(x)), not in the drawing plane; colours: classes\n"
             + "; ".join(f"{label}: {d}" for label, d in runs.items()))
-    finish_figure(fig, f"{title}: the supplement's Fig. 2", note)
+    finish_figure(fig, f"{title}: the supplement's Fig.\u00a02", note)
     save_figure(fig, path)
     return numbers
 
