@@ -287,6 +287,7 @@ def draw_validation(ax: plt.Axes, records: list[dict]) -> dict:
         twin.step(steps, [v for _, v in lam], where="pre", color="C2", linewidth=1)
         twin.set_ylabel("λ_t", color="C2")
         twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        twin.set_ylim(0, 1.3 * max(v for _, v in lam))  # its top line below the best score's star
     ax.set(xlabel="step", ylabel="validation MAP@R")
     ax.set_title(f"validation MAP@R, best {scores[best]:.4f} at step {steps[best]} (red star)\n"
                  + ("instances end at the dashed lines" if boundaries else "one problem instance")
