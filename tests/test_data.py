@@ -862,6 +862,9 @@ def test_download_md5_mismatch_deletes_the_partial_file(tmp_path):
         data.download(source.as_uri(), dest, "0" * 32)
     assert not dest.exists() and not (tmp_path / "out" / "archive.zip.part").exists()
     assert data.download(source.as_uri(), dest, md5(b"abc" * 1000)).read_bytes() == b"abc" * 1000
+    with pytest.raises(ValueError, match=f"{dest} exists but its MD5 is not 0+; delete it"):  # kept, not fetched
+        data.download(source.as_uri(), dest, "0" * 32)
+    assert dest.read_bytes() == b"abc" * 1000
 
 
 def test_extract_refuses_path_traversal(tmp_path):

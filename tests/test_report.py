@@ -183,9 +183,11 @@ def test_the_validation_panel_draws_lambda_only_where_it_is_not_zero(tmp_path, d
                   '{"step": 10, "instance": 0, "lam": 0.0, "val": {"MAP@R": 0.4}' + (converged if lam else "") + "}",
                   f'{{"step": 15, "instance": {int(lam > 0)}, "lam": {lam}, "val": {{"MAP@R": 0.6}}}}')
     report.figure_run(tmp_path)
-    validation = drawn[0].axes[0]
+    validation, _, steps = drawn[0].axes[:3]
     assert validation.get_title().endswith(instance_line)
     assert len(drawn[0].axes) == 4 + (lam > 0)  # the λ_t axis twins the validation panel
+    low, high = steps.get_xlim()
+    assert [t for t in steps.get_xticks() if low <= t <= high] == list(range(1 + (lam > 0)))  # a tick an instance
 
 
 def test_fold_run_table_has_the_mean_and_the_ensemble_column(runs):
@@ -480,6 +482,11 @@ def test_no_paper_comparison_for_digits_or_your_own_images(runs, tmp_path, drawn
         assert all(r["paper"] is None and r["difference"] is None for r in numbers.values())
     report.figure_run(folder, tmp_path / "report.png")
     assert drawn[-1].get_suptitle() == "MS-CCP on your images (flowers/), fold 2, seed 0"
+
+
+def test_the_paper_note_names_the_row_and_the_dataset_as_the_table_does():
+    note = report.paper_note({"dataset": {"name": "cub"}}, "MS-CCP (L)", True, True)
+    assert note.endswith("the paper's 512-D MS-CCP (L) on CUB (PAPER.md §8).")
 
 
 def test_a_method_the_paper_does_not_report_is_said_so(tmp_path):

@@ -195,6 +195,9 @@ def test_candidate_pool_embeds_the_drawn_indices_class_major():
     assert pools[..., 0].long().tolist() == [[10, 11, 12], [20, 21, 20], [30, 31, 32]]
     assert torch.equal(pools[..., 1], -2 * pools[..., 0])
     assert embed.batches == [[10, 11, 12, 20, 21, 20, 30, 31, 32]]  # one call: per-call augmentation seeds
+    embed.batches.clear()
+    candidate_pool(embed, [list(range(c * 200, c * 200 + 200)) for c in range(3)])
+    assert [len(batch) for batch in embed.batches] == [600]  # however many
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +375,11 @@ def test_non_finite_input_is_rejected(call, message):
     (lambda: greedy_k_center(torch.randn(4, 2), 2, torch.randn(1, 3)), r"got \(4, 2\) and \(1, 3\)"),
     (lambda: covering_radius(torch.randn(4, 2), torch.tensor([0, 0, 1]), torch.randn(2, 2), torch.tensor([0, 1])),
      r"expected points \(N, d\), labels \(N,\), .* got \(4, 2\), \(3,\), \(2, 2\), \(2,\)"),
+    (lambda: covering_radius(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), torch.randn(2, 2), torch.tensor([0, 1, 1])),
+     r"got \(4, 2\), \(4,\), \(2, 2\), \(3,\)"),
+    (lambda: covering_radius(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), torch.randn(2, 3), torch.tensor([0, 1])),
+     r"got \(4, 2\), \(4,\), \(2, 3\), \(2,\)"),
+    (lambda: greedy_k_center(torch.randn(4, 2), 2, torch.randn(2)), r"got \(4, 2\) and \(2,\)"),
     (lambda: select_proxies(torch.randn(3, 5, 2), torch.randn(7, 2), 2), r"\(C·K', d\) = \(3·K', 2\), got \(7, 2\)"),
     (lambda: select_proxies(torch.randn(3, 5, 2), torch.randn(6, 4), 2), r"\(C·K', d\) = \(3·K', 2\), got \(6, 4\)"),
     (lambda: covering_radius(torch.randn(3, 2), torch.tensor([0, 3, 1]), torch.randn(4, 2), torch.tensor([0, 0, 1, 1])),

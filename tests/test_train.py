@@ -265,6 +265,39 @@ def test_two_runs_are_identical_with_or_without_loader_workers(digits_run, tmp_p
     assert_same_run(digits_run, tmp_path / "b")
 
 
+def test_each_pool_is_augmented_with_the_seeds_of_the_instance_it_starts(tmp_path, monkeypatch):
+    """pool(θ) at a re-selection draws the augmentations of instance t + 1, the one its proxies start (the
+    instance that converged at steps 10 and 20 is 0, then 1), and at step 0 those of instance 0."""
+    instances, embed = [], train.embed_augmented
+    monkeypatch.setattr(train, "embed_augmented", lambda r, indices, t: instances.append(t) or embed(r, indices, t))
+    run_digits(tmp_path, "run", *DIGITS_RUN[:-2])  # no saved selections: one pool per selection
+    assert instances == [0, 1, 2]
+
+
+def test_resume_of_an_early_stopped_run_says_its_training_had_ended(tmp_path, capsys):
+    run_digits(tmp_path, "run", "train.max_steps=200", "train.eval_every=5", "train.patience=1")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["models"][0]["steps"] < 200
+    capsys.readouterr()
+    run_digits(tmp_path, "run", "train.max_steps=200", "train.eval_every=5", "train.patience=1", "resume=auto")
+    assert "where its training had ended: only the test runs again" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("include_batch", [True, False])
+def test_xbm_memory_holds_the_configured_batches(include_batch):
+    cfg = train.load_config(DIGITS, ["method=xbm", "baseline.xbm_memory_batches=3", "data.classes_per_batch=2",
+                                     "data.samples_per_class=5", f"baseline.xbm_include_batch={include_batch}"])
+    memory = build.build_memory(cfg, torch.device("cpu"))
+    assert memory.memory.shape == (3 * 2 * 5, cfg["model"]["embedding_dim"]) and memory.include_batch is include_batch
+    assert build.build_memory(train.load_config(DIGITS), torch.device("cpu")) is None
+
+
+def test_a_checkpoint_without_evaluation_ensemble_is_ensembled_as_the_authors():
+    cfg = train.load_config(DIGITS)
+    assert build.ensemble_normalizer(cfg) is build.normalizer(cfg)
+    assert build.ensemble_normalizer({**cfg, "evaluation": {}}) is build.normalizer(cfg)  # older than the key
+    assert build.ensemble_normalizer({**cfg, "evaluation": {"ensemble": "mlrc"}}) is None
+
+
 def test_resume_auto_on_a_finished_run_only_tests_again(digits_run, tmp_path, capsys):
     run = Path(shutil.copytree(digits_run, tmp_path / "run"))
     assert train.main([str(DIGITS), f"run_dir={run}", *DIGITS_RUN, "resume=auto"]) == 0
