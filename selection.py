@@ -99,7 +99,8 @@ def covering_radius(
     Points go max_chunk_elements (points x centers x d) at a time: no N x M matrix is ever built.
     """
     _check_finite("covering_radius", points=points, centers=centers)
-    if (labels.shape, center_labels.shape, centers.shape[1:]) != (points.shape[:1], centers.shape[:1], points.shape[1:]):
+    if (labels.shape, center_labels.shape, centers.shape[1:]) != (points.shape[:1], centers.shape[:1],
+                                                                  points.shape[1:]):
         raise ValueError(f"covering_radius: expected points (N, d), labels (N,), centers (M, d), center_labels (M,), "
                          f"got {tuple(points.shape)}, {tuple(labels.shape)}, {tuple(centers.shape)}, "
                          f"{tuple(center_labels.shape)}")

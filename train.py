@@ -55,7 +55,7 @@ def train_one_model(cfg: dict, fold: int, seed: int, run_dir: Path, prefix: str 
         r.sampler.set_epoch(r.step // E, r.step % E)
         for inputs, labels in r.loader:  # a batch: 4 images of each of 8 classes (PAPER.md §7)
             # L = w_pair ℓ(batch) + w_proxy ℓ(proxies) (r.compute_loss: losses.CCPLoss); grad += λ_t (θ − θ_anchor),
-            # the gradient of the pull, whose value is not added to the logged L; one update of (θ, P)
+            # the pull's gradient (its value is not in the logged L); one update of (θ, P)
             r.loss = update(r, inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True))
             r.step += 1
             r.progress.update(r.step, r.loss, r.status)
