@@ -243,6 +243,17 @@ def test_a_start_refused_after_the_lock_leaves_no_folder_behind(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]  # a folder that was there stays
 
 
+def test_the_lock_removes_only_its_own_empty_folders_and_only_after_an_error(tmp_path):
+    with bookkeeping.RunLock(tmp_path / "ok" / "run"):  # a run that ended well keeps its folder and lock
+        pass
+    with pytest.raises(RuntimeError):  # one that failed after writing keeps what it wrote
+        with bookkeeping.RunLock(tmp_path / "wrote" / "run"):
+            (tmp_path / "wrote" / "run" / "last.pt").write_bytes(b"state")
+            raise RuntimeError
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "ok", "ok/run", "ok/run/.lock", "wrote", "wrote/run", "wrote/run/.lock", "wrote/run/last.pt"]
+
+
 @pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl"])
 def test_a_folder_with_a_config_or_a_log_holds_a_run(tmp_path, capsys, name):
     run = tmp_path / "run"

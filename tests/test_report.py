@@ -375,7 +375,7 @@ def write_selection(path: Path, step: int, instance: int, converged, selected, f
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-def test_fig1_panels_carry_brute_force_radius_and_spread(tmp_path, dim):
+def test_fig1_panels_carry_brute_force_radius_and_spread(tmp_path, dim, drawn):
     rng = np.random.default_rng(dim)
     fit, fit_labels = rng.normal(0, 0.8, (40, dim)), np.repeat([0, 1], 20)  # inside and outside the unit ball
     proxies = [rng.normal(0, 0.8, (6, dim)) for _ in range(3)]
@@ -386,6 +386,9 @@ def test_fig1_panels_carry_brute_force_radius_and_spread(tmp_path, dim):
     panels = report.figure_instances(tmp_path / "run")
     assert_png(tmp_path / "run" / "instances.png")
     assert [(p["step"], p["final"]) for p in panels] == [(0, False), (50, False), (80, True)]
+    assert [ax.get_title() for ax in drawn[0].axes[:3]] == [
+        "step 0: initial k-center", "step 50: instance 0 converged", "end: best model (step 80, instance 1)"]
+    assert "Fig.\u00a01" in drawn[0].get_suptitle()  # never broken between "Fig." and its number
     assert panels[0]["covering_radius_converged"] is None and panels[0]["spread_converged"] is None
     labels = np.repeat(np.arange(2), 3)
     for panel, converged, selected in zip(panels, [None, proxies[0], proxies[1]], proxies):
