@@ -747,7 +747,9 @@ def results_table(run_dir: Path, paper: dict | None = None) -> tuple[str, dict[s
     run_dir = Path(run_dir)
     results = read_json(run_dir / "results.json")
     if results is None or not ({"mean", "test"} & results.keys()):
-        return f"{run_dir}: no results.json with test metrics yet (the run has not finished)", {}
+        above = run_dir.parent if (run_dir.parent / "results.json").is_file() else None  # run_dir is a seed*/ folder
+        return (f"{run_dir}: no results.json with test metrics" + (f"; the run it belongs to has them: {above}"
+                if above else " yet (the run has not finished)")), {}
     config = read_config(run_dir)
     mean, sd, ensemble, ensemble_sd, seeds = run_summary(results)
     dataset, method = (config.get("dataset") or {}).get("name"), paper_method(config)

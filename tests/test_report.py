@@ -487,6 +487,14 @@ def test_no_paper_comparison_for_digits_or_your_own_images(runs, tmp_path, drawn
     assert drawn[-1].get_suptitle() == "MS-CCP on your images (flowers/), fold 2, seed 0"
 
 
+def test_a_seed_folder_of_a_run_points_to_the_run_s_results(tmp_path):
+    (tmp_path / "run" / "seed1").mkdir(parents=True)
+    assert report.results_table(tmp_path / "run" / "seed1")[0].endswith("the run has not finished)")
+    (tmp_path / "run" / "results.json").write_text('{"mean": {"MAP@R": 0.5}}')
+    assert report.results_table(tmp_path / "run" / "seed1")[0].endswith(
+        f"no results.json with test metrics; the run it belongs to has them: {tmp_path / 'run'}")
+
+
 def test_the_paper_note_names_the_row_and_the_dataset_as_the_table_does():
     note = report.paper_note({"dataset": {"name": "cub"}}, "MS-CCP (L)", True, True)
     assert note.endswith("the paper's 512-D MS-CCP (L) on CUB (PAPER.md §8).")
