@@ -225,8 +225,7 @@ def check_inputs(cfg: dict, folds: list[int]) -> None:
     for fold in folds:
         fold_classes(cfg, labels, fold)
     network = build_network(cfg, cfg["seed"], torch.device("cpu"))  # the layout does not change the weights
-    transform = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
-    image, _ = tests[0].with_transform(transform)[0]
+    image, _ = tests[0].with_transform(transform(cfg, train=False))[0]
     try:  # one test image: e.g. tiny_cnn's one channel and RGB photos fail here, not at the first step
         with torch.no_grad():
             network.eval()(image[None])
@@ -327,11 +326,16 @@ def fold_classes(cfg: dict, labels: list[int], fold: int) -> tuple[list[int], li
     return fit_classes, val_classes
 
 
+def transform(cfg: dict, train: bool) -> Callable:
+    """data.transform of the config with its crop_size and resize: the training augmentation or the evaluation's."""
+    dc = cfg["data"]
+    return data.build_transform(dc["transform"], train, dc["crop_size"], dc["resize"])
+
+
 def build_splits(cfg: dict, fold: int) -> dict:
     """The fit and validation classes of one MLRC fold, and the test split(s) (PAPER.md §7)."""
-    name, root, dc = cfg["dataset"]["name"], cfg["dataset"]["root"], cfg["data"]
-    train_tf = data.build_transform(dc["transform"], True, dc["crop_size"], dc["resize"])
-    eval_tf = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
+    name, root = cfg["dataset"]["name"], cfg["dataset"]["root"]
+    train_tf, eval_tf = transform(cfg, train=True), transform(cfg, train=False)
     train = data.build_dataset(name, root, "train")
     fit_classes, val_classes = fold_classes(cfg, train.labels, fold)
     splits = {

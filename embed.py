@@ -179,10 +179,9 @@ def dataset_of(images: Images, cfg: dict) -> data.RetrievalDataset:
     dc, listing = cfg["data"], images.listing
     paths = [str(images.folder / path) for path in listing.paths]
     pixels = torch.stack([data.load_digits_image(p) for p in paths]) if dc["transform"] == "digits" else None
-    transform = data.build_transform(dc["transform"], False, dc["crop_size"], dc["resize"])
     labels = listing.labels if listing.labels is not None else [0] * len(paths)
-    return data.RetrievalDataset(paths, labels, len(listing.class_names or [None]), transform, images=pixels,
-                                 class_names=listing.class_names)
+    return data.RetrievalDataset(paths, labels, len(listing.class_names or [None]), build.transform(cfg, train=False),
+                                 images=pixels, class_names=listing.class_names)
 
 
 def embed_images(stacked: Stacked, cfg: dict, images: Images, device: torch.device, batch_size: int,
