@@ -170,25 +170,26 @@ class CCP:
         return selection.candidate_pool(lambda indices: embed_augmented(self.r, indices, self.instance),
                                         self.candidates.draw(b))
 
-    def select(self, initial: torch.Tensor | None, apply: bool = True) -> dict:
-        """P ← select(pool(θ), initial, K): greedy k-center per class from `initial` (P*, or 0 at the start)."""
+    def select(self, initial: torch.Tensor | None, final: tuple[int, int] | None = None) -> dict:
+        """P ← select(pool(θ), initial, K): greedy k-center per class from `initial` (P*, or 0 at the start).
+        `final`: finish()'s (step, instance) of the tested model; that choice is saved, not applied."""
         pool = self.pool()
         new = selection.select_proxies(pool, initial, self.settings["proxies_per_class"])
         start = self.proxies.weight.detach().cpu() if initial is None else initial
         report = {"pool_size": pool.shape[1], **selection_report(self.r, pool, start, new)}
-        if self.settings["save_selections"]:  # finish() records the restored best model's step and instance
-            best = self.r.best if not apply and self.r.best is not None else {}
+        if self.settings["save_selections"]:
             save_selection(self.r, torch.zeros_like(new) if initial is None else initial, new,
-                           best.get("step", self.r.step), best.get("instance", self.instance),
-                           f"step{self.r.step:07d}" if apply else "final")
-        if apply:
+                           *(final or (self.r.step, self.instance)), "final" if final else f"step{self.r.step:07d}")
+        if final is None:
             self.proxies.reset(new.to(self.proxies.weight.device))
         return report
 
     def finish(self) -> None:
-        """With save_selections: what k-center would pick next from the restored best P (report.py's Fig. 1)."""
+        """With save_selections: what k-center would pick next from the restored best P (report.py's Fig. 1),
+        recorded at that model's step and instance (the last weights' when no validation ran)."""
         if self.settings["save_selections"]:
-            self.select(self.proxies.weight.detach().cpu(), apply=False)
+            best = self.r.best or {"step": self.r.step}
+            self.select(self.proxies.weight.detach().cpu(), final=(best["step"], best.get("instance", self.instance)))
 
     def status(self) -> str:
         return f" | instance {self.instance}, lambda {self.lam:g}"
